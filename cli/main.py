@@ -1,0 +1,147 @@
+"""The `digits` command line: thin commands over the flaxdigits library."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(help="Handwritten digit recognition with JAX and Flax NNX.",
+                  no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+                  rich_markup_mode="rich")
+err = Console(stderr=True)
+
+DataDir = Annotated[Optional[Path], typer.Option(
+    "--data-dir", envvar="FLAXDIGITS_DATA_DIR", show_default=False,
+    help="Folder with the four MNIST IDX files (gzipped or raw). Default: tensorflow-datasets.")]
+Checkpoint = Annotated[Path, typer.Option("--checkpoint", "-c", help="Checkpoint directory.")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+CpuDevices = Annotated[int, typer.Option(
+    "--cpu-devices", help="On CPU, split the host into this many data-parallel devices "
+    "(0: one per core).")]
+
+
+@contextlib.contextmanager
+def _user_errors():
+  """Documented library errors become one red line on stderr and exit code 1."""
+  try:
+    yield
+  except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
+    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    raise typer.Exit(1) from None
+
+
+def _setup_jax(cpu_devices: int) -> None:
+  from flaxdigits import parallel  # pylint: disable=import-outside-toplevel
+  parallel.split_cpu_into_devices(cpu_devices or None)
+
+
+def _load_data(data_dir: Optional[Path], splits: tuple[str, ...], console: Console):
+  from flaxdigits import data  # pylint: disable=import-outside-toplevel
+  source = str(data_dir) if data_dir else "tensorflow-datasets"
+  with console.status(f"loading MNIST from {source}"):
+    return data.load_mnist(data_dir, splits)
+
+
+@app.command()
+def train(
+    epochs: Annotated[int, typer.Option(help="Passes over the 60,000 training images.")] = 5,
+    batch_size: Annotated[Optional[int], typer.Option(
+        help="Global batch, split across devices.  [default: 128]", show_default=False)] = None,
+    lr: Annotated[Optional[float], typer.Option(
+        help="Peak learning rate of the one-cycle schedule.  [default: 3e-3]",
+        show_default=False)] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.  [default: 0]",
+                                                show_default=False)] = None,
+    data_dir: DataDir = None,
+    checkpoint: Checkpoint = Path("ckpt"),
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    json_out: Json = False,
+    cpu_devices: CpuDevices = 0,
+):
+  """Train the CNN on MNIST, evaluating on the test set after every epoch."""
+  _setup_jax(cpu_devices)
+  from flaxdigits import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
+  from flaxdigits.config import ModelConfig, TrainConfig  # pylint: disable=import-outside-toplevel
+  from flaxdigits.train import train as train_fn  # pylint: disable=import-outside-toplevel
+  console = err if json_out else Console()
+  with _user_errors():
+    given = {k: v for k, v in dict(batch_size=batch_size, learning_rate=lr, seed=seed).items()
+             if v is not None}
+    model_config = ModelConfig()
+    existing = ckpt_lib.CheckpointManager(checkpoint).latest_step() if checkpoint.is_dir() else None
+    if resume:
+      meta = ckpt_lib.CheckpointManager(checkpoint, read_only=True).read_meta()
+      model_config = ModelConfig.from_dict(meta["model"])
+      train_config = TrainConfig.from_dict(meta["train"] | given | {"epochs": epochs})
+    else:
+      if existing is not None:
+        raise ValueError(f"{checkpoint} already holds a checkpoint (step {existing}); pass "
+                         "--resume to continue it, or choose another --checkpoint directory")
+      train_config = TrainConfig(epochs=epochs, **given)
+    data = _load_data(data_dir, ("train", "test"), console)
+    try:
+      with _render_training(console, train_config.epochs, quiet) as display:
+        result = train_fn(data, model_config, train_config, checkpoint_dir=str(checkpoint),
+                          resume=resume, callback=display)
+    except KeyboardInterrupt:
+      step = ckpt_lib.CheckpointManager(checkpoint, read_only=True).latest_step()
+      err.print(f"[yellow]interrupted[/]: checkpoint at step {step} in {checkpoint}/; "
+                "continue with --resume")
+      raise typer.Exit(130) from None
+  if json_out:
+    print(json.dumps({"checkpoint": str(checkpoint), "step": int(result.state.step),
+                      "history": result.history,
+                      "test": result.test.to_dict() if result.test else None}))
+  elif not quiet:
+    console.print(f"saved checkpoint to {checkpoint}/ (step {int(result.state.step)})")
+
+
+def _render_training(console: Console, epochs: int, quiet: bool):
+  from flaxdigits.cli.render import TrainingDisplay  # pylint: disable=import-outside-toplevel
+  return TrainingDisplay(console, epochs, quiet)
+
+
+@app.command("eval")
+def eval_(
+    checkpoint: Checkpoint = Path("ckpt"),
+    data_dir: DataDir = None,
+    batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 1000,
+    json_out: Json = False,
+    cpu_devices: CpuDevices = 0,
+):
+  """Accuracy, mean loss and confusion matrix of a checkpoint on the 10,000 test images."""
+  _setup_jax(cpu_devices)
+  from flaxdigits.checkpoint import load_model  # pylint: disable=import-outside-toplevel
+  from flaxdigits.evaluate import evaluate  # pylint: disable=import-outside-toplevel
+  console = err if json_out else Console()
+  with _user_errors():
+    model, meta = load_model(checkpoint)
+    test = _load_data(data_dir, ("test",), console)["test"]
+    result = evaluate(model, test, batch_size=batch_size)
+  if json_out:
+    print(json.dumps(result.to_dict() | {"checkpoint": str(checkpoint), "step": meta["step"]}))
+    return
+  from flaxdigits.cli.render import confusion_table  # pylint: disable=import-outside-toplevel
+  console.print(confusion_table(result.confusion_matrix.tolist()))
+  console.print(f"checkpoint {checkpoint}/ step {meta['step']}: [bold]accuracy "
+                f"{100 * result.accuracy:.2f}%[/] ({int(result.confusion_matrix.trace())}/"
+                f"{result.num_examples}), mean loss {result.loss:.4f}")
+
+
+def main() -> None:
+  try:
+    app()
+  except KeyboardInterrupt:
+    err.print("[yellow]interrupted[/]")
+    sys.exit(130)
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,85 @@
+"""Rich rendering of training events and evaluation results (the library never prints)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
+                           TimeElapsedColumn, TimeRemainingColumn)
+from rich.table import Table
+
+
+def format_epoch(record: dict[str, Any], epochs: int) -> str:
+  line = (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f}  "
+          f"train acc {100 * record['train_accuracy']:.2f}%")
+  if "test_accuracy" in record:
+    line += (f"  [bold]test acc {100 * record['test_accuracy']:.2f}%[/]  "
+             f"test loss {record['test_loss']:.4f}")
+  return line + f"  ({record['seconds']:.1f} s)"
+
+
+class TrainingDisplay:
+  """Turns flaxdigits.train events into a Rich progress bar and a line per epoch."""
+
+  def __init__(self, console: Console, epochs: int, quiet: bool = False):
+    self.console, self.epochs, self.quiet = console, epochs, quiet
+    self._progress: RichProgress | None = None
+    self._task = None
+
+  def __enter__(self):
+    if not self.quiet:
+      self._progress = RichProgress(
+          TextColumn("[bold blue]epoch {task.fields[epoch]}/" + str(self.epochs)),
+          BarColumn(), MofNCompleteColumn(),
+          TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:6.2%}  "
+                     "{task.fields[rate]:,.0f} img/s"),
+          TimeElapsedColumn(), TimeRemainingColumn(),
+          console=self.console, transient=True, refresh_per_second=4)
+      self._progress.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    if self._progress is not None:
+      self._progress.__exit__(*exc)
+
+  def __call__(self, event) -> None:
+    from flaxdigits import train  # pylint: disable=import-outside-toplevel
+    if self.quiet:
+      return
+    if isinstance(event, train.Started):
+      self.console.print(
+          f"CNN with {event.num_params:,} parameters on {event.num_devices} device(s); "
+          f"{event.steps_per_epoch} steps/epoch, step {event.start_step} of {event.total_steps}")
+      self._task = self._progress.add_task("train", total=event.total_steps,
+                                           completed=event.start_step, epoch=1 +
+                                           event.start_step // event.steps_per_epoch,
+                                           loss=0.0, acc=0.0, rate=0.0)
+    elif isinstance(event, train.Progress):
+      self._progress.update(self._task, completed=event.step, epoch=event.epoch, loss=event.loss,
+                            acc=event.accuracy, rate=event.images_per_sec)
+    elif isinstance(event, train.EpochEnd):
+      self._progress.update(self._task, completed=event.record["step"])
+      self.console.print(format_epoch(event.record, self.epochs))
+
+
+def confusion_table(confusion: Any, title: str = "Confusion matrix (rows: true, columns: "
+                    "predicted)") -> Table:
+  table = Table(title=title, show_lines=False, header_style="bold")
+  table.add_column("true", justify="right", style="bold")
+  for k in range(len(confusion)):
+    table.add_column(str(k), justify="right")
+  table.add_column("recall", justify="right", style="dim")
+  for i, row in enumerate(confusion):
+    cells = []
+    for j, count in enumerate(row):
+      if i == j:
+        cells.append(f"[bold green]{count}[/]")
+      elif count:
+        cells.append(f"[red]{count}[/]")
+      else:
+        cells.append("[dim]0[/]")
+    total = sum(row)
+    cells.append(f"{100 * row[i] / total:.1f}%" if total else "-")
+    table.add_row(str(i), *cells)
+  return table

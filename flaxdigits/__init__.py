@@ -1,0 +1,62 @@
+"""flaxdigits: a JAX/Flax NNX handwritten-digit recogniser trained on MNIST.
+
+The public API, imported lazily so that `import flaxdigits` (and the `digits` CLI's start-up)
+does not pull in JAX until a name that needs it is used:
+
+    import flaxdigits as fd
+    data = fd.load_mnist("path/to/mnist")          # or None: through tensorflow-datasets
+    result = fd.train(data, fd.ModelConfig(), fd.TrainConfig(epochs=5), checkpoint_dir="ckpt")
+    model, meta = fd.load_model("ckpt")
+    print(fd.evaluate(model, data["test"]).accuracy)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "ModelConfig": "flaxdigits.config",
+    "TrainConfig": "flaxdigits.config",
+    "Split": "flaxdigits.data",
+    "load_mnist": "flaxdigits.data",
+    "normalize": "flaxdigits.data",
+    "CNN": "flaxdigits.model",
+    "build_model": "flaxdigits.model",
+    "count_params": "flaxdigits.model",
+    "make_mesh": "flaxdigits.parallel",
+    "TrainState": "flaxdigits.train",
+    "TrainResult": "flaxdigits.train",
+    "Started": "flaxdigits.train",
+    "Progress": "flaxdigits.train",
+    "EpochEnd": "flaxdigits.train",
+    "train": "flaxdigits.train",
+    "EvalResult": "flaxdigits.evaluate",
+    "cross_entropy": "flaxdigits.evaluate",
+    "evaluate": "flaxdigits.evaluate",
+    "CheckpointManager": "flaxdigits.checkpoint",
+    "load_model": "flaxdigits.checkpoint",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+  if name in _EXPORTS:
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+  raise AttributeError(f"module 'flaxdigits' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:
+  from flaxdigits.checkpoint import CheckpointManager, load_model
+  from flaxdigits.config import ModelConfig, TrainConfig
+  from flaxdigits.data import Split, load_mnist, normalize
+  from flaxdigits.evaluate import EvalResult, cross_entropy, evaluate
+  from flaxdigits.model import CNN, build_model, count_params
+  from flaxdigits.parallel import make_mesh
+  from flaxdigits.train import (EpochEnd, Progress, Started, TrainResult, TrainState, train)

@@ -1,0 +1,128 @@
+"""Orbax checkpoints that carry their own config and metrics history."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from flaxdigits.config import ModelConfig, TrainConfig
+from flaxdigits.model import CNN, build_model
+
+FORMAT_VERSION = 1
+MAX_TO_KEEP = 3
+# Fields that may change when resuming: more epochs extend the run.
+_RESUMABLE_CHANGES = {"epochs"}
+
+
+class CheckpointManager:
+  """Saves and restores training checkpoints in `directory`, one step-numbered folder each.
+
+  Orbax writes each checkpoint into a temporary folder and renames it when complete, so a
+  half-written checkpoint is never taken as the latest.
+  """
+
+  def __init__(self, directory: str | os.PathLike, *, read_only: bool = False):
+    self.directory = Path(directory).expanduser().absolute()
+    if read_only and not self.directory.is_dir():
+      raise FileNotFoundError(f"checkpoint directory not found: {self.directory}")
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=not read_only,
+                                             read_only=read_only))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, state, model_config: ModelConfig, train_config: TrainConfig,
+           history: list[dict[str, float]]) -> None:
+    """Saves asynchronously; call wait() before relying on it."""
+    step = int(state.step)
+    if step in self._manager.all_steps():
+      return
+    meta = {"format": FORMAT_VERSION, "step": step, "model": model_config.to_dict(),
+            "train": train_config.to_dict(), "history": history}
+    self._manager.save(step, args=ocp.args.Composite(
+        params=ocp.args.StandardSave(state.params),
+        trainer=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
+                                       "key": state.key}),
+        meta=ocp.args.JsonSave(meta)))
+
+  def _require_step(self, step: int | None) -> int:
+    step = self.latest_step() if step is None else step
+    if step is None or step not in self._manager.all_steps():
+      what = "no checkpoint" if step is None else f"no checkpoint for step {step}"
+      raise FileNotFoundError(f"{what} in {self.directory}")
+    return step
+
+  def read_meta(self, step: int | None = None) -> dict[str, Any]:
+    step = self._require_step(step)
+    meta = self._manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+    if meta.get("format") != FORMAT_VERSION:
+      raise ValueError(f"checkpoint {self.directory} has format {meta.get('format')}, "
+                       f"this flaxdigits reads format {FORMAT_VERSION}")
+    return meta
+
+  def restore_params(self, abstract_params: Any, step: int | None = None) -> Any:
+    step = self._require_step(step)
+    return self._restore(step, params=ocp.args.StandardRestore(abstract_params)).params
+
+  def restore_for_resume(self, state, model_config: ModelConfig, train_config: TrainConfig):
+    """Restores a TrainState shaped like `state`, after checking the configs agree."""
+    meta = self.read_meta()
+    check_compatible(meta, model_config, train_config)
+    abstract = jax.eval_shape(lambda s: s, state)
+    restored = self._restore(
+        meta["step"], params=ocp.args.StandardRestore(abstract.params),
+        trainer=ocp.args.StandardRestore({"step": abstract.step, "opt_state": abstract.opt_state,
+                                          "key": abstract.key}))
+    trainer = restored.trainer
+    return type(state)(trainer["step"], restored.params, trainer["opt_state"],
+                       trainer["key"]), meta
+
+  def _restore(self, step: int, **items):
+    try:
+      return self._manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, TypeError) as e:
+      raise ValueError(f"checkpoint {self.directory} step {step} does not fit this model "
+                       f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def check_compatible(meta: dict[str, Any], model_config: ModelConfig,
+                     train_config: TrainConfig) -> None:
+  saved_model = ModelConfig.from_dict(meta["model"])
+  if saved_model != model_config:
+    raise ValueError(f"checkpoint model config {saved_model} differs from {model_config}")
+  saved_train = meta["train"]
+  for name, value in train_config.to_dict().items():
+    if name not in _RESUMABLE_CHANGES and saved_train.get(name) != value:
+      raise ValueError(f"checkpoint was trained with {name}={saved_train.get(name)!r}, "
+                       f"not {value!r}; resume with the same settings")
+
+
+def load_model(checkpoint_dir: str | os.PathLike,
+               step: int | None = None) -> tuple[CNN, dict[str, Any]]:
+  """Rebuilds the model from a checkpoint's own config and restores its parameters.
+
+  Returns the model and the checkpoint's metadata (configs, step and metrics history).
+  """
+  manager = CheckpointManager(checkpoint_dir, read_only=True)
+  try:
+    meta = manager.read_meta(step)
+    model = build_model(ModelConfig.from_dict(meta["model"]))
+    graphdef, params = nnx.split(model, nnx.Param)
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
+    params = manager.restore_params(abstract, meta["step"])
+  finally:
+    manager.close()
+  return nnx.merge(graphdef, params), meta

@@ -1,0 +1,81 @@
+"""Frozen, validated configuration for the model and for training."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Self
+
+
+def _check(condition: bool, message: str) -> None:
+  if not condition:
+    raise ValueError(message)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shape of the CNN: conv blocks (each conv -> ReLU -> 2x2 pool), then dense layers."""
+
+  conv_features: tuple[int, ...] = (32, 64)
+  kernel_size: int = 3
+  dense_features: tuple[int, ...] = (256,)
+  num_classes: int = 10
+  pool: str = "avg"
+
+  def __post_init__(self):
+    object.__setattr__(self, "conv_features", tuple(self.conv_features))
+    object.__setattr__(self, "dense_features", tuple(self.dense_features))
+    _check(1 <= len(self.conv_features) <= 3,
+           f"conv_features must hold 1 to 3 widths (28 px halves per block), got {self.conv_features}")
+    _check(all(f > 0 for f in self.conv_features + self.dense_features),
+           f"layer widths must be positive, got {self.conv_features} / {self.dense_features}")
+    _check(self.kernel_size in (3, 5, 7), f"kernel_size must be 3, 5 or 7, got {self.kernel_size}")
+    _check(self.num_classes >= 2, f"num_classes must be >= 2, got {self.num_classes}")
+    _check(self.pool in ("avg", "max"), f"pool must be 'avg' or 'max', got {self.pool!r}")
+
+  def to_dict(self) -> dict[str, Any]:
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> Self:
+    return _from_dict(cls, d)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """How to train: the optimiser recipe, batch size, epochs and seed."""
+
+  epochs: int = 5
+  batch_size: int = 128
+  learning_rate: float = 3e-3
+  weight_decay: float = 1e-4
+  warmup_fraction: float = 0.15
+  label_smoothing: float = 0.0
+  max_shift: int = 0
+  seed: int = 0
+  steps_per_dispatch: int = 4
+  eval_batch_size: int = 1000
+
+  def __post_init__(self):
+    _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+    _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
+    _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
+    _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+    _check(0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+    _check(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+    _check(0 <= self.max_shift <= 4, f"max_shift must be in [0, 4] pixels, got {self.max_shift}")
+    _check(self.steps_per_dispatch >= 1, f"steps_per_dispatch must be >= 1, got {self.steps_per_dispatch}")
+    _check(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> Self:
+    return _from_dict(cls, d)
+
+
+def _from_dict(cls, d: dict[str, Any]):
+  names = {f.name for f in dataclasses.fields(cls)}
+  unknown = set(d) - names
+  _check(not unknown, f"unknown {cls.__name__} fields {sorted(unknown)}")
+  return cls(**d)

@@ -1,0 +1,54 @@
+"""Data parallelism: a 1-D device mesh, batch sharded along 'data', everything else replicated."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Sequence
+
+import jax
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+DATA_AXIS = "data"
+
+
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A mesh over `devices` (all local devices by default) with one axis, 'data'."""
+  devices = list(devices) if devices is not None else jax.local_devices()
+  # Auto axes: the compiler propagates the batch sharding and inserts the gradient all-reduce.
+  return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices,
+                       axis_types=(AxisType.Auto,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def batch_sharded(mesh: Mesh) -> NamedSharding:
+  """Leading (batch) dimension split across the 'data' axis."""
+  return NamedSharding(mesh, P(DATA_AXIS))
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+  return jax.device_put(tree, replicated(mesh))
+
+
+def check_divisible(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:
+  n = mesh.devices.size
+  if batch_size % n:
+    raise ValueError(f"{what} {batch_size} is not divisible by the {n} devices in use")
+
+
+def split_cpu_into_devices(num_devices: int | None = None) -> bool:
+  """Exposes the host CPU as `num_devices` JAX devices (default: one per core).
+
+  XLA runs one CPU device's convolutions on roughly one core; data-parallel training over one
+  device per core is what uses the whole machine. It must run before JAX computes anything;
+  returns False (and changes nothing) when that is too late or XLA_FLAGS already chose a count.
+  """
+  if "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    return False
+  try:
+    jax.config.update("jax_num_cpu_devices", num_devices or os.cpu_count() or 1)
+  except RuntimeError:
+    return False
+  return True

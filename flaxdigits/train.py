@@ -1,0 +1,273 @@
+"""Training: one pytree of state, a pure jitted step run K steps per dispatch over a device mesh."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from typing import Any, Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import Mesh
+
+from flaxdigits import parallel
+from flaxdigits.config import ModelConfig, TrainConfig
+from flaxdigits.data import Split, normalize
+from flaxdigits.evaluate import EvalResult, cross_entropy, evaluate
+from flaxdigits.model import CNN, build_model, count_params
+
+PyTree = Any
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+  """Everything training needs to continue: checkpointed whole."""
+
+  step: jax.Array
+  params: PyTree
+  opt_state: PyTree
+  key: jax.Array  # raw uint32 PRNG key; per-epoch and per-step keys are folded in from it
+
+
+# ----------------------------------------------------------------------------- events
+
+
+@dataclasses.dataclass(frozen=True)
+class Started:
+  start_step: int
+  total_steps: int
+  steps_per_epoch: int
+  num_params: int
+  num_devices: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Progress:
+  step: int
+  epoch: int  # 1-based
+  loss: float  # running mean over the epoch so far
+  accuracy: float
+  images_per_sec: float
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochEnd:
+  record: dict[str, float]  # one row of the history: epoch, step, losses, accuracies, seconds
+
+
+Event = Started | Progress | EpochEnd
+
+
+class Callback(Protocol):
+  """Receives training events; the CLI renders them, library code never prints."""
+
+  def __call__(self, event: Event) -> None: ...
+
+
+@dataclasses.dataclass
+class TrainResult:
+  model: CNN
+  state: TrainState
+  history: list[dict[str, float]]
+  test: EvalResult | None
+
+
+# ----------------------------------------------------------------------------- the step
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+  """AdamW under a one-cycle schedule (linear warm-up, cosine decay) spanning all epochs."""
+  total = config.epochs * steps_per_epoch
+  schedule = optax.warmup_cosine_decay_schedule(
+      init_value=config.learning_rate / 25, peak_value=config.learning_rate,
+      warmup_steps=max(1, int(config.warmup_fraction * total)), decay_steps=total,
+      end_value=config.learning_rate / 1e3)
+  return optax.adamw(schedule, weight_decay=config.weight_decay)
+
+
+def random_shift(key: jax.Array, images_BxHxWxC: jax.Array, max_shift: int) -> jax.Array:
+  """Translates each image by an independent random offset of up to max_shift pixels (zero fill)."""
+  b, h, w, _ = images_BxHxWxC.shape
+  padded = jnp.pad(images_BxHxWxC, ((0, 0), (max_shift,) * 2, (max_shift,) * 2, (0, 0)))
+  offsets_Bx2 = jax.random.randint(key, (b, 2), 0, 2 * max_shift + 1)
+  crop = lambda img, off: jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, img.shape[-1]))
+  return jax.vmap(crop)(padded, offsets_Bx2)
+
+
+def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: TrainConfig,
+               batch_sharding: jax.sharding.Sharding, state: TrainState,
+               images_uint8_BxHxW: jax.Array, labels_B: jax.Array) -> tuple[TrainState, dict]:
+  """One optimiser step: pure (state, batch) -> (state, metric sums)."""
+  images = jax.lax.with_sharding_constraint(normalize(images_uint8_BxHxW), batch_sharding)
+  if config.max_shift:
+    step_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.step)
+    images = random_shift(step_key, images, config.max_shift)
+
+  def loss_fn(params):
+    logits_BxK = nnx.merge(graphdef, params)(images)
+    return cross_entropy(logits_BxK, labels_B, config.label_smoothing).mean(), logits_BxK
+
+  (loss, logits_BxK), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss_sum": loss * labels_B.shape[0],
+             "correct": jnp.sum(jnp.argmax(logits_BxK, -1) == labels_B),
+             "count": jnp.asarray(labels_B.shape[0])}
+  return TrainState(state.step + 1, params, opt_state, state.key), metrics
+
+
+def _train_chunk(step_fn: Callable, num_steps: int, state: TrainState, images_NxHxW: jax.Array,
+                 labels_N: jax.Array, perm_SxB: jax.Array, start: jax.Array):
+  """num_steps steps in one dispatch, fully unrolled: on CPU an XLA loop around a conv step
+  runs many times slower than straight-line code, and one dispatch per step wastes the host."""
+  idx_KxB = jax.lax.dynamic_slice_in_dim(perm_SxB, start, num_steps)
+  totals = None
+  for i in range(num_steps):
+    state, metrics = step_fn(state, images_NxHxW[idx_KxB[i]], labels_N[idx_KxB[i]])
+    totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
+  return state, totals
+
+
+def steps_per_dispatch(steps_per_epoch: int, wanted: int) -> int:
+  """The largest K <= wanted dividing the epoch, so chunks never straddle an epoch boundary."""
+  return max(k for k in range(1, min(wanted, steps_per_epoch) + 1) if steps_per_epoch % k == 0)
+
+
+@functools.partial(jax.jit, static_argnames=("n", "steps", "batch_size"))
+def epoch_permutation(key: jax.Array, epoch: int, *, n: int, steps: int,
+                      batch_size: int) -> jax.Array:
+  """The epoch's shuffled example indices as (steps, batch_size); the remainder sits out."""
+  perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, 0), epoch), n)
+  return perm[:steps * batch_size].reshape(steps, batch_size)
+
+
+def init_state(model: CNN, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  params = nnx.state(model, nnx.Param)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    key=jax.random.PRNGKey(seed))
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
+          train_config: TrainConfig = TrainConfig(), *, checkpoint_dir: str | None = None,
+          resume: bool = False, callback: Callback | None = None, mesh: Mesh | None = None,
+          stop_at_step: int | None = None, evaluate_each_epoch: bool = True) -> TrainResult:
+  """Trains the CNN on data["train"], scoring data["test"] after each epoch.
+
+  With checkpoint_dir, saves (state, configs, history) after every epoch, on Ctrl-C (then
+  re-raises KeyboardInterrupt) and at the end; with resume, continues from the latest checkpoint
+  there. stop_at_step ends training early at a chunk boundary, as an interruption would.
+
+  Raises:
+    FloatingPointError: the loss became non-finite (the last good checkpoint is kept).
+    FileNotFoundError: resume without a checkpoint.
+    ValueError: bad config, or a checkpoint written by an incompatible config.
+  """
+  from flaxdigits import checkpoint  # pylint: disable=import-outside-toplevel
+  callback = callback or (lambda event: None)
+  mesh = mesh or parallel.make_mesh()
+  parallel.check_divisible(train_config.batch_size, mesh)
+  train_split, test_split = data["train"], data.get("test")
+  steps_per_epoch = len(train_split) // train_config.batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(f"batch_size {train_config.batch_size} exceeds the {len(train_split)} "
+                     "training examples")
+  total_steps = train_config.epochs * steps_per_epoch
+  k = steps_per_dispatch(steps_per_epoch, train_config.steps_per_dispatch)
+
+  model = build_model(model_config, seed=train_config.seed)
+  graphdef, _ = nnx.split(model, nnx.Param)
+  tx = make_optimizer(train_config, steps_per_epoch)
+  state = init_state(model, tx, train_config.seed)
+  history: list[dict[str, float]] = []
+  manager = None
+  if checkpoint_dir is not None:
+    manager = checkpoint.CheckpointManager(checkpoint_dir)
+    if resume:
+      state, meta = manager.restore_for_resume(state, model_config, train_config)
+      history = meta["history"]
+  elif resume:
+    raise ValueError("resume needs a checkpoint directory")
+  state = parallel.replicate(state, mesh)
+  images, labels = parallel.replicate((train_split.images, train_split.labels.astype(np.int32)),
+                                      mesh)
+
+  step_fn = functools.partial(train_step, graphdef, tx, train_config, parallel.batch_sharded(mesh))
+  chunk_fn = jax.jit(functools.partial(_train_chunk, step_fn, k), donate_argnums=0)
+
+  def save(state, wait=False):
+    if manager is not None:
+      manager.save(state, model_config, train_config, history)
+      if wait:
+        manager.wait()
+
+  start_step = int(state.step)
+  end_step = min(total_steps, stop_at_step or total_steps)
+  callback(Started(start_step, total_steps, steps_per_epoch, count_params(model), mesh.size))
+  test_result = None
+  try:
+    for epoch in range(start_step // steps_per_epoch, math.ceil(end_step / steps_per_epoch)):
+      perm = epoch_permutation(state.key, epoch, n=len(train_split), steps=steps_per_epoch,
+                               batch_size=train_config.batch_size)
+      first = max(start_step, epoch * steps_per_epoch) - epoch * steps_per_epoch
+      last = min(end_step - epoch * steps_per_epoch, steps_per_epoch)
+      t_epoch = time.perf_counter()
+      sums = {"loss_sum": 0.0, "correct": 0, "count": 0}
+      pending, t_rate, rate_images = None, None, 0
+      for start in range(first, last, k):
+        state, metrics = chunk_fn(state, images, labels, perm, start)
+        if pending is not None:  # read the previous chunk's metrics while this one runs
+          _accumulate(sums, pending, epoch * steps_per_epoch + start)
+          now = time.perf_counter()
+          if t_rate is None:  # the first chunk carries compilation: time from its end
+            t_rate = now
+          rate = rate_images / (now - t_rate) if now > t_rate else 0.0
+          rate_images += k * train_config.batch_size
+          callback(Progress(epoch * steps_per_epoch + start, epoch + 1,
+                            sums["loss_sum"] / sums["count"], sums["correct"] / sums["count"],
+                            rate))
+        pending = metrics
+      if pending is not None:
+        _accumulate(sums, pending, epoch * steps_per_epoch + last)
+      if last < steps_per_epoch:  # stopped early, mid-epoch
+        break
+      record = {"epoch": epoch + 1, "step": int(state.step),
+                "train_loss": sums["loss_sum"] / max(sums["count"], 1),
+                "train_accuracy": sums["correct"] / max(sums["count"], 1)}
+      if evaluate_each_epoch and test_split is not None:
+        test_result = evaluate(nnx.merge(graphdef, state.params), test_split,
+                               batch_size=train_config.eval_batch_size, mesh=mesh)
+        record |= {"test_loss": test_result.loss, "test_accuracy": test_result.accuracy}
+      record["seconds"] = time.perf_counter() - t_epoch
+      history.append(record)
+      callback(EpochEnd(record))
+      save(state)
+  except KeyboardInterrupt:
+    save(state, wait=True)
+    raise
+  finally:
+    if manager is not None:
+      manager.wait()
+  save(state, wait=True)
+  if manager is not None:
+    manager.close()
+  return TrainResult(nnx.merge(graphdef, jax.device_get(state.params)), state, history,
+                     test_result)
+
+
+def _accumulate(sums: dict, metrics: dict, step: int) -> None:
+  metrics = jax.device_get(metrics)
+  if not np.isfinite(metrics["loss_sum"]):
+    raise FloatingPointError(
+        f"loss became non-finite by step {step}; lower --lr "
+        "(the last good checkpoint is kept)")
+  for name, value in metrics.items():
+    sums[name] += value.item()

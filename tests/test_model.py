@@ -1,0 +1,59 @@
+import jax.numpy as jnp
+import pytest
+
+from flaxdigits.config import ModelConfig, TrainConfig
+from flaxdigits.model import build_model, count_params
+
+
+def test_default_model_is_the_flax_example_cnn():
+  model = build_model(ModelConfig())
+  # conv 3x3x1x32 + conv 3x3x32x64 + dense 3136x256 + dense 256x10, with biases.
+  assert count_params(model) == (9 * 32 + 32) + (9 * 32 * 64 + 64) + (3136 * 256 + 256) + (
+      256 * 10 + 10)
+  assert model(jnp.zeros((3, 28, 28, 1))).shape == (3, 10)
+
+
+@pytest.mark.parametrize("convs", [(8,), (8, 16), (8, 16, 32)])
+def test_depth_and_widths_follow_config(convs):
+  model = build_model(ModelConfig(conv_features=convs, dense_features=(20, 12), pool="max"))
+  assert model(jnp.zeros((2, 28, 28, 1))).shape == (2, 10)
+  assert len(model.convs) == len(convs) and len(model.denses) == 2
+
+
+def test_same_seed_same_parameters_other_seed_differs():
+  a, b, c = (build_model(ModelConfig(), seed=s) for s in (0, 0, 1))
+  assert jnp.array_equal(a.convs[0].kernel[...], b.convs[0].kernel[...])
+  assert not jnp.array_equal(a.convs[0].kernel[...], c.convs[0].kernel[...])
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(conv_features=()), "conv_features"),
+    (dict(conv_features=(8, 8, 8, 8)), "conv_features"),
+    (dict(dense_features=(0,)), "positive"),
+    (dict(kernel_size=4), "kernel_size must be 3, 5 or 7, got 4"),
+    (dict(pool="median"), "pool"),
+])
+def test_bad_model_config_names_the_value(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    ModelConfig(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(epochs=0), "epochs must be >= 1, got 0"),
+    (dict(batch_size=-1), "batch_size"),
+    (dict(learning_rate=0), "learning_rate"),
+    (dict(max_shift=9), "max_shift"),
+    (dict(label_smoothing=1.0), "label_smoothing"),
+])
+def test_bad_train_config_names_the_value(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    TrainConfig(**kwargs)
+
+
+def test_config_round_trips_through_dict():
+  m = ModelConfig(conv_features=(4, 8), dense_features=(16,))
+  assert ModelConfig.from_dict(m.to_dict()) == m
+  t = TrainConfig(epochs=3, seed=7)
+  assert TrainConfig.from_dict(t.to_dict()) == t
+  with pytest.raises(ValueError, match="unknown TrainConfig fields"):
+    TrainConfig.from_dict({"epochs": 1, "momentum": 0.9})
