@@ -49,10 +49,10 @@ class TrainConfig:
   learning_rate: float = 3e-3
   weight_decay: float = 1e-4
   warmup_fraction: float = 0.15
-  label_smoothing: float = 0.0
-  max_shift: int = 0
+  label_smoothing: float = 0.1
+  max_shift: int = 2
   seed: int = 0
-  steps_per_dispatch: int = 4
+  steps_per_dispatch: int = 1
   eval_batch_size: int = 1000
 
   def __post_init__(self):

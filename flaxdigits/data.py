@@ -138,9 +138,14 @@ def _tfds_server_reachable(timeout: float = 3.0) -> bool:
 
 def _import_tfds():
   """Imports TFDS with TensorFlow kept off any GPU, which belongs to JAX."""
-  import tensorflow as tf  # pylint: disable=import-outside-toplevel
+  try:
+    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    raise FileNotFoundError(
+        f"loading MNIST through tensorflow-datasets needs it installed ({e.name} is missing): "
+        "pip install 'flaxdigits[tfds]', or pass --data-dir DIR with the MNIST IDX files") from None
   tf.config.set_visible_devices([], "GPU")
-  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   return tfds
 
 

@@ -39,7 +39,7 @@ def test_pinned_first_step_loss(small):
   # Mean loss of the first 64-image step of this seed/config: pinned to catch silent changes to
   # initialisation, preprocessing, shuffling or the loss.
   assert first.step == 1
-  assert first.loss == pytest.approx(2.30392, abs=5e-4)
+  assert first.loss == pytest.approx(2.29089, abs=5e-4)
   assert result.history[0]["step"] == 8
 
 
@@ -63,7 +63,8 @@ def test_sharded_matches_single_device(small):
 def test_overfits_one_batch_to_full_accuracy(small):
   batch = {"train": Split(small["train"].images[:64], small["train"].labels[:64])}
   batch["test"] = batch["train"]
-  result = tiny_train(batch, epochs=60, learning_rate=1e-2, steps_per_dispatch=1)
+  result = tiny_train(batch, epochs=60, learning_rate=1e-2, steps_per_dispatch=1, max_shift=0,
+                      label_smoothing=0.0)
   assert result.history[-1]["train_accuracy"] == 1.0
   assert result.test.accuracy == 1.0
 

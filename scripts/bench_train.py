@@ -1,0 +1,81 @@
+"""Training throughput: flaxdigits' loop against the Flax MNIST example's loop, side by side.
+
+  python scripts/bench_train.py --data-dir ../shared/data/mnist
+
+Both train the same CNN at batch 128 on real MNIST in this one process. Each measurement runs a
+short and a long stretch of steps and divides the extra images by the extra seconds, so start-up,
+compilation and warm-up cancel out; the median of --repeats such measurements is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data-dir", default=os.environ.get("FLAXDIGITS_DATA_DIR"))
+  parser.add_argument("--short", type=int, default=20, help="steps in the short stretch")
+  parser.add_argument("--long", type=int, default=180, help="steps in the long stretch")
+  parser.add_argument("--repeats", type=int, default=3)
+  args = parser.parse_args()
+
+  from flaxdigits import parallel
+  parallel.split_cpu_into_devices()  # before JAX computes anything
+  import jax
+  from flaxdigits import data as data_lib
+  from flaxdigits.config import ModelConfig, TrainConfig
+  from flaxdigits.train import train
+  sys.path.insert(0, os.path.dirname(__file__))
+  from flax_example_loop import FlaxExampleLoop
+
+  data = data_lib.load_mnist(args.data_dir)
+  batch = 128
+  images, labels = data["train"].images, data["train"].labels
+
+  def baseline(steps: int) -> float:
+    loop = FlaxExampleLoop(batch_size=batch)
+    start = time.perf_counter()
+    loop.train(images, labels, max_steps=steps)
+    return time.perf_counter() - start
+
+  def flaxdigits(devices, steps_per_dispatch=1):
+    mesh = parallel.make_mesh(devices)
+    config = TrainConfig(epochs=1, batch_size=batch, steps_per_dispatch=steps_per_dispatch)
+    def run(steps: int) -> float:
+      start = time.perf_counter()
+      result = train(data, ModelConfig(), config, mesh=mesh, stop_at_step=steps)
+      jax.block_until_ready(result.state.params)
+      return time.perf_counter() - start
+    return run
+
+  contenders = {"Flax example loop (nnx.jit per host batch, 1 device)": baseline,
+                "flaxdigits loop, 1 device": flaxdigits(jax.devices()[:1]),
+                "flaxdigits loop, 1 device, 4 steps/dispatch": flaxdigits(jax.devices()[:1], 4)}
+  if len(jax.devices()) > 1:
+    n = len(jax.devices())
+    contenders[f"flaxdigits loop, {n} devices (default)"] = flaxdigits(jax.devices())
+    contenders[f"flaxdigits loop, {n} devices, 4 steps/dispatch"] = flaxdigits(jax.devices(), 4)
+  print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {len(jax.devices())} device(s), "
+        f"{os.cpu_count()} cores; batch {batch}; steps {args.short}->{args.long}; "
+        f"median of {args.repeats}", flush=True)
+  rates = {}
+  for name, run in contenders.items():
+    samples = []
+    for _ in range(args.repeats):
+      t_short, t_long = run(args.short), run(args.long)
+      samples.append((args.long - args.short) * batch / (t_long - t_short))
+    rates[name] = statistics.median(samples)
+    print(f"{name:58s} {rates[name]:8.0f} img/s  ({60_000 / rates[name]:5.1f} s/epoch)  "
+          f"samples {[round(s) for s in samples]}", flush=True)
+  base = next(iter(rates.values()))
+  for name, rate in list(rates.items())[1:]:
+    print(f"speed-up of {name}: {rate / base:.2f}x")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,86 @@
+import json
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from flaxdigits.cli.main import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def trained_ckpt(tiny_data_dir, tmp_path_factory):
+  ckpt = tmp_path_factory.mktemp("cli") / "ckpt"
+  result = runner.invoke(app, ["train", "--epochs", "1", "--batch-size", "64", "--data-dir",
+                               str(tiny_data_dir), "--checkpoint", str(ckpt), "--json"])
+  assert result.exit_code == 0, result.output
+  return ckpt, json.loads(result.stdout)
+
+
+def test_train_json_reports_history_and_test_metrics(trained_ckpt):
+  ckpt, out = trained_ckpt
+  assert out["step"] == 8 and len(out["history"]) == 1
+  assert out["test"]["num_examples"] == 300
+  assert (ckpt / "8").is_dir()
+
+
+def test_eval_needs_only_the_checkpoint(trained_ckpt, tiny_data_dir):
+  ckpt, trained = trained_ckpt
+  result = runner.invoke(app, ["eval", "--checkpoint", str(ckpt), "--data-dir",
+                               str(tiny_data_dir), "--json"])
+  assert result.exit_code == 0, result.output
+  out = json.loads(result.stdout)
+  assert out["num_examples"] == 300 and sum(map(sum, out["confusion_matrix"])) == 300
+  assert len(out["confusion_matrix"]) == 10 and all(len(r) == 10 for r in out["confusion_matrix"])
+  assert out["accuracy"] == pytest.approx(trained["test"]["accuracy"])
+  assert out["loss"] == pytest.approx(trained["test"]["loss"], rel=1e-5)
+
+
+def test_eval_table_shows_accuracy_and_confusion_matrix(trained_ckpt, tiny_data_dir):
+  ckpt, trained = trained_ckpt
+  result = runner.invoke(app, ["eval", "-c", str(ckpt), "--data-dir", str(tiny_data_dir)],
+                         env={"COLUMNS": "120"})
+  assert result.exit_code == 0, result.output
+  assert "Confusion matrix" in result.stdout
+  assert f"{100 * trained['test']['accuracy']:.2f}%" in result.stdout
+
+
+def test_train_refuses_to_overwrite_and_resume_extends(trained_ckpt, tiny_data_dir):
+  ckpt, _ = trained_ckpt
+  args = ["train", "--batch-size", "64", "--data-dir", str(tiny_data_dir), "--checkpoint",
+          str(ckpt), "--quiet"]
+  refused = runner.invoke(app, args + ["--epochs", "2"])
+  assert refused.exit_code == 1
+  assert "already holds a checkpoint" in refused.stderr and "Traceback" not in refused.output
+  resumed = runner.invoke(app, ["train", "--data-dir", str(tiny_data_dir), "--checkpoint",
+                               str(ckpt), "--resume", "--epochs", "2", "--json"])
+  assert resumed.exit_code == 0, resumed.output
+  out = json.loads(resumed.stdout)
+  assert out["step"] == 16 and [h["epoch"] for h in out["history"]] == [1, 2]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["eval", "--checkpoint", "/nonexistent/ckpt"], "checkpoint directory not found"),
+    (["train", "--data-dir", "/nonexistent/mnist", "--checkpoint", "{tmp}/c"],
+     "MNIST data folder not found"),
+    (["train", "--epochs", "0", "--checkpoint", "{tmp}/c"], "epochs must be >= 1, got 0"),
+    (["train", "--resume", "--checkpoint", "{tmp}/none"], "not found"),
+])
+def test_errors_are_one_line_on_stderr(args, message, tmp_path):
+  result = runner.invoke(app, [a.format(tmp=tmp_path) for a in args])
+  assert result.exit_code == 1
+  assert message in result.stderr
+  assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_help_does_not_import_jax():
+  code = ("import sys\nfrom flaxdigits.cli.main import main\nsys.argv = ['digits', '--help']\n"
+          "try:\n  main()\nexcept SystemExit as e:\n  assert e.code == 0, e.code\n"
+          "bad = [m for m in ('jax', 'flax', 'tensorflow', 'orbax') if m in sys.modules]\n"
+          "assert not bad, bad\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+  assert result.returncode == 0, result.stderr
+  assert "train" in result.stdout and "eval" in result.stdout
