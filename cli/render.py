@@ -7,16 +7,18 @@ from typing import Any
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
                            TimeElapsedColumn, TimeRemainingColumn)
+from rich import box
 from rich.table import Table
+from rich.text import Text
 
 
 def format_epoch(record: dict[str, Any], epochs: int) -> str:
-  line = (f"epoch {record['epoch']}/{epochs}  train loss {record['train_loss']:.4f}  "
-          f"train acc {100 * record['train_accuracy']:.2f}%")
+  line = (f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  "
+          f"acc {100 * record['train_accuracy']:.2f}%")
   if "test_accuracy" in record:
     line += (f"  [bold]test acc {100 * record['test_accuracy']:.2f}%[/]  "
              f"test loss {record['test_loss']:.4f}")
-  return line + f"  ({record['seconds']:.1f} s)"
+  return line + f"  {record['seconds']:.1f} s"
 
 
 class TrainingDisplay:
@@ -63,23 +65,17 @@ class TrainingDisplay:
       self.console.print(format_epoch(event.record, self.epochs))
 
 
-def confusion_table(confusion: Any, title: str = "Confusion matrix (rows: true, columns: "
-                    "predicted)") -> Table:
-  table = Table(title=title, show_lines=False, header_style="bold")
+def confusion_table(confusion: Any, title: str = "Confusion matrix") -> Table:
+  table = Table(title=title, caption="rows: true digit, columns: predicted digit",
+                box=box.SIMPLE_HEAD, header_style="bold", collapse_padding=True)
   table.add_column("true", justify="right", style="bold")
   for k in range(len(confusion)):
     table.add_column(str(k), justify="right")
   table.add_column("recall", justify="right", style="dim")
   for i, row in enumerate(confusion):
-    cells = []
-    for j, count in enumerate(row):
-      if i == j:
-        cells.append(f"[bold green]{count}[/]")
-      elif count:
-        cells.append(f"[red]{count}[/]")
-      else:
-        cells.append("[dim]0[/]")
+    cells = [Text(str(count), style="bold green" if i == j else "red" if count else "dim")
+             for j, count in enumerate(row)]
     total = sum(row)
-    cells.append(f"{100 * row[i] / total:.1f}%" if total else "-")
+    cells.append(Text(f"{100 * row[i] / total:.1f}%" if total else "-"))
     table.add_row(str(i), *cells)
   return table

@@ -32,8 +32,7 @@ class CheckpointManager:
       raise FileNotFoundError(f"checkpoint directory not found: {self.directory}")
     self._manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=not read_only,
-                                             read_only=read_only))
+        options=ocp.CheckpointManagerOptions(max_to_keep=MAX_TO_KEEP, create=not read_only))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()

@@ -52,7 +52,7 @@ class TrainConfig:
   label_smoothing: float = 0.1
   max_shift: int = 2
   seed: int = 0
-  steps_per_dispatch: int = 1
+  steps_per_dispatch: int = 4
   eval_batch_size: int = 1000
 
   def __post_init__(self):

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
+import signal
+import threading
 import time
 from typing import Any, Callable, Protocol
 
@@ -213,6 +216,8 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
   end_step = min(total_steps, stop_at_step or total_steps)
   callback(Started(start_step, total_steps, steps_per_epoch, count_params(model), mesh.size))
   test_result = None
+  cleanup = contextlib.ExitStack()
+  interrupted = cleanup.enter_context(_deferred_interrupt())
   try:
     for epoch in range(start_step // steps_per_epoch, math.ceil(end_step / steps_per_epoch)):
       perm = epoch_permutation(state.key, epoch, n=len(train_split), steps=steps_per_epoch,
@@ -224,6 +229,8 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
       pending, t_rate, rate_images = None, None, 0
       for start in range(first, last, k):
         state, metrics = chunk_fn(state, images, labels, perm, start)
+        if interrupted.is_set():
+          raise KeyboardInterrupt
         if pending is not None:  # read the previous chunk's metrics while this one runs
           _accumulate(sums, pending, epoch * steps_per_epoch + start)
           now = time.perf_counter()
@@ -250,10 +257,13 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
       history.append(record)
       callback(EpochEnd(record))
       save(state)
+      if interrupted.is_set():  # Ctrl-C during evaluation
+        raise KeyboardInterrupt
   except KeyboardInterrupt:
     save(state, wait=True)
     raise
   finally:
+    cleanup.close()
     if manager is not None:
       manager.wait()
   save(state, wait=True)
@@ -261,6 +271,31 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
     manager.close()
   return TrainResult(nnx.merge(graphdef, jax.device_get(state.params)), state, history,
                      test_result)
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+  """Turns the first Ctrl-C into a flag checked between dispatches.
+
+  A KeyboardInterrupt raised inside a dispatch could strike after the state's buffers were
+  donated and before the new state exists, leaving nothing to save. A second Ctrl-C interrupts
+  at once. Only the main thread can own signal handlers; elsewhere this does nothing.
+  """
+  flag = threading.Event()
+  if threading.current_thread() is not threading.main_thread():
+    yield flag
+    return
+  previous = signal.getsignal(signal.SIGINT)
+
+  def handler(signum, frame):
+    flag.set()
+    signal.signal(signal.SIGINT, previous)
+
+  signal.signal(signal.SIGINT, handler)
+  try:
+    yield flag
+  finally:
+    signal.signal(signal.SIGINT, previous)
 
 
 def _accumulate(sums: dict, metrics: dict, step: int) -> None:

@@ -10,6 +10,7 @@ compilation and warm-up cancel out; the median of --repeats such measurements is
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import statistics
 import sys
@@ -30,6 +31,8 @@ def main() -> None:
   from flaxdigits import data as data_lib
   from flaxdigits.config import ModelConfig, TrainConfig
   from flaxdigits.train import train
+  from rich.console import Console
+  from flaxdigits.cli.render import TrainingDisplay
   sys.path.insert(0, os.path.dirname(__file__))
   from flax_example_loop import FlaxExampleLoop
 
@@ -43,12 +46,16 @@ def main() -> None:
     loop.train(images, labels, max_steps=steps)
     return time.perf_counter() - start
 
-  def flaxdigits(devices, steps_per_dispatch=1):
+  def flaxdigits(devices, steps_per_dispatch=1, display=False):
     mesh = parallel.make_mesh(devices)
     config = TrainConfig(epochs=1, batch_size=batch, steps_per_dispatch=steps_per_dispatch)
     def run(steps: int) -> float:
       start = time.perf_counter()
-      result = train(data, ModelConfig(), config, mesh=mesh, stop_at_step=steps)
+      # The CLI's progress bar, rendered to a terminal-like buffer, costs what it costs there.
+      console = Console(file=io.StringIO(), force_terminal=True, width=100)
+      with TrainingDisplay(console, epochs=1, quiet=not display) as callback:
+        result = train(data, ModelConfig(), config, mesh=mesh, stop_at_step=steps,
+                       callback=callback)
       jax.block_until_ready(result.state.params)
       return time.perf_counter() - start
     return run
@@ -60,18 +67,22 @@ def main() -> None:
     n = len(jax.devices())
     contenders[f"flaxdigits loop, {n} devices (default)"] = flaxdigits(jax.devices())
     contenders[f"flaxdigits loop, {n} devices, 4 steps/dispatch"] = flaxdigits(jax.devices(), 4)
+    contenders[f"flaxdigits loop, {n} devices + Rich progress bar"] = flaxdigits(
+        jax.devices(), display=True)
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {len(jax.devices())} device(s), "
         f"{os.cpu_count()} cores; batch {batch}; steps {args.short}->{args.long}; "
         f"median of {args.repeats}", flush=True)
-  rates = {}
-  for name, run in contenders.items():
-    samples = []
-    for _ in range(args.repeats):
+  # Round-robin, so that drifts in the machine's speed hit every contender alike.
+  samples = {name: [] for name in contenders}
+  for _ in range(args.repeats):
+    for name, run in contenders.items():
       t_short, t_long = run(args.short), run(args.long)
-      samples.append((args.long - args.short) * batch / (t_long - t_short))
-    rates[name] = statistics.median(samples)
-    print(f"{name:58s} {rates[name]:8.0f} img/s  ({60_000 / rates[name]:5.1f} s/epoch)  "
-          f"samples {[round(s) for s in samples]}", flush=True)
+      samples[name].append((args.long - args.short) * batch / (t_long - t_short))
+  rates = {}
+  for name in contenders:
+    rates[name] = statistics.median(samples[name])
+    print(f"{name:58s} {rates[name]:6.0f} img/s  ({60_000 / rates[name]:5.1f} s/epoch)  "
+          f"samples {[round(s) for s in samples[name]]}", flush=True)
   base = next(iter(rates.values()))
   for name, rate in list(rates.items())[1:]:
     print(f"speed-up of {name}: {rate / base:.2f}x")

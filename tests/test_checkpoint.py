@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -59,14 +60,23 @@ def test_missing_checkpoint_is_file_not_found(tmp_path):
     load_model(tmp_path)
 
 
-def test_checkpoint_of_other_format_is_refused(trained, tmp_path):
-  import shutil
-  directory, _, _ = trained
-  copy = tmp_path / "copy"
-  shutil.copytree(directory, copy)
+@pytest.fixture
+def copy(trained, tmp_path):
+  """A copy of the trained checkpoint folder, free to damage."""
+  return shutil.copytree(trained[0], tmp_path / "copy")
+
+
+def test_checkpoint_of_other_format_is_refused(copy):
   for meta_file in copy.glob("*/meta/metadata"):
     meta = json.loads(meta_file.read_text())
     meta["format"] = 99
     meta_file.write_text(json.dumps(meta))
   with pytest.raises(ValueError, match="format 99"):
     load_model(copy)
+
+
+def test_unfinished_save_is_never_the_latest(copy):
+  # What an interrupted Orbax save leaves behind: a temporary folder for a later step.
+  shutil.copytree(copy / "20", copy / "24.orbax-checkpoint-tmp-1234")
+  assert CheckpointManager(copy).latest_step() == 20
+  assert load_model(copy)[1]["step"] == 20

@@ -84,3 +84,25 @@ def test_help_does_not_import_jax():
                           timeout=60)
   assert result.returncode == 0, result.stderr
   assert "train" in result.stdout and "eval" in result.stdout
+
+
+def test_ctrl_c_saves_checkpoint_and_exits_130(tiny_data_dir, tmp_path):
+  import os
+  import signal
+  import time
+  ckpt = tmp_path / "ckpt"
+  env = os.environ | {"FLAXDIGITS_DATA_DIR": str(tiny_data_dir)}
+  proc = subprocess.Popen(
+      [sys.executable, "-c", "from flaxdigits.cli.main import main; main()", "train",
+       "--epochs", "10000", "--batch-size", "64", "--checkpoint", str(ckpt), "--quiet"],
+      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+  deadline = time.monotonic() + 120
+  while not any(p.name.isdigit() for p in ckpt.glob("*")) and time.monotonic() < deadline:
+    assert proc.poll() is None, proc.communicate()
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err
+  assert "interrupted" in err and "--resume" in err and "Traceback" not in err
+  from flaxdigits.checkpoint import CheckpointManager
+  assert CheckpointManager(ckpt).latest_step() >= 8
