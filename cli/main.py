@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Optional
@@ -37,8 +38,14 @@ def _user_errors():
 
 
 def _setup_jax(cpu_devices: int) -> None:
+  import jax  # pylint: disable=import-outside-toplevel
   from flaxdigits import parallel  # pylint: disable=import-outside-toplevel
   parallel.split_cpu_into_devices(cpu_devices or None)
+  # Compiled programs persist across runs: a second `digits eval` or `predict` skips XLA.
+  cache = os.environ.get("FLAXDIGITS_CACHE_DIR",
+                         os.path.join(os.path.expanduser("~"), ".cache", "flaxdigits", "xla"))
+  jax.config.update("jax_compilation_cache_dir", cache)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
 
 
 def _load_data(data_dir: Optional[Path], splits: tuple[str, ...], console: Console):
@@ -133,6 +140,51 @@ def eval_(
   console.print(f"checkpoint {checkpoint}/ step {meta['step']}: [bold]accuracy "
                 f"{100 * result.accuracy:.2f}%[/] ({int(result.confusion_matrix.trace())}/"
                 f"{result.num_examples}), mean loss {result.loss:.4f}")
+
+
+@app.command()
+def predict(
+    paths: Annotated[list[str], typer.Argument(
+        help="Image files, folders (every image inside) or glob patterns.", show_default=False)],
+    checkpoint: Checkpoint = Path("ckpt"),
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, max=10,
+                                       help="How many ranked guesses to show.")] = 3,
+    json_out: Annotated[bool, typer.Option("--json", help="Print a JSON list on stdout, one "
+                                           "object per input.")] = False,
+    save_preprocessed: Annotated[Optional[Path], typer.Option(
+        "--save-preprocessed", help="Write the 28x28 image the model saw for each input here.",
+        show_default=False)] = None,
+):
+  """Recognise the digit in photos, scans and drawings (any format Pillow reads)."""
+  _setup_jax(1)
+  from flaxdigits.predict import Predictor, expand_paths  # pylint: disable=import-outside-toplevel
+  console = err if json_out else Console()
+  with _user_errors():
+    predictor = Predictor.from_checkpoint(checkpoint)
+    files = expand_paths(paths)
+    with console.status(f"recognising {len(files)} image(s)"):
+      results = predictor.predict(files)
+    if save_preprocessed is not None:
+      _save_preprocessed(results, save_preprocessed)
+  if json_out:
+    print(json.dumps([r.to_dict() for r in results]))
+  else:
+    from flaxdigits.cli.render import predictions_table  # pylint: disable=import-outside-toplevel
+    console.print(predictions_table(results, top_k))
+  failed = [r for r in results if r.error]
+  for r in failed:
+    err.print(f"[bold red]error:[/] {r.source}: {r.error}", highlight=False, soft_wrap=True)
+  if failed:
+    raise typer.Exit(1)
+
+
+def _save_preprocessed(results, folder: Path) -> None:
+  from PIL import Image  # pylint: disable=import-outside-toplevel
+  folder.mkdir(parents=True, exist_ok=True)
+  for i, r in enumerate(results):
+    if r.image is not None:
+      name = f"{i:04d}_{Path(r.source).stem}.png"
+      Image.fromarray((r.image * 255).round().astype("uint8"), "L").save(folder / name)
 
 
 def main() -> None:

@@ -79,3 +79,19 @@ def confusion_table(confusion: Any, title: str = "Confusion matrix") -> Table:
     cells.append(Text(f"{100 * row[i] / total:.1f}%" if total else "-"))
     table.add_row(str(i), *cells)
   return table
+
+
+def predictions_table(results, top_k: int) -> Table:
+  table = Table(box=box.SIMPLE_HEAD, header_style="bold")
+  table.add_column("file", overflow="fold")
+  table.add_column("digit", justify="center", style="bold")
+  table.add_column("confidence", justify="right")
+  table.add_column(f"top {top_k}")
+  for r in results:
+    if r.error:
+      table.add_row(r.source, Text("-", style="dim"), "", Text(r.error, style="red"))
+      continue
+    style = "green" if r.confidence >= 0.9 else "yellow" if r.confidence >= 0.5 else "red"
+    guesses = "  ".join(f"{d}: {p:.1%}" for d, p in r.top_k(top_k))
+    table.add_row(r.source, str(r.digit), Text(f"{r.confidence:.1%}", style=style), guesses)
+  return table

@@ -74,7 +74,7 @@ class CheckpointManager:
     """Restores a TrainState shaped like `state`, after checking the configs agree."""
     meta = self.read_meta()
     check_compatible(meta, model_config, train_config)
-    abstract = jax.eval_shape(lambda s: s, state)
+    abstract = _abstract(state)
     restored = self._restore(
         meta["step"], params=ocp.args.StandardRestore(abstract.params),
         trainer=ocp.args.StandardRestore({"step": abstract.step, "opt_state": abstract.opt_state,
@@ -95,6 +95,17 @@ class CheckpointManager:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _abstract(tree: Any) -> Any:
+  """Restore targets on this process's first device.
+
+  Without an explicit sharding Orbax restores onto the devices the checkpoint was written from,
+  which fails when the device count differs (trained on 2 CPU devices, evaluated on 1, say).
+  Callers replicate onto their own mesh afterwards.
+  """
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
 
 
 def check_compatible(meta: dict[str, Any], model_config: ModelConfig,
@@ -120,8 +131,7 @@ def load_model(checkpoint_dir: str | os.PathLike,
     meta = manager.read_meta(step)
     model = build_model(ModelConfig.from_dict(meta["model"]))
     graphdef, params = nnx.split(model, nnx.Param)
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), params)
-    params = manager.restore_params(abstract, meta["step"])
+    params = manager.restore_params(_abstract(params), meta["step"])
   finally:
     manager.close()
   return nnx.merge(graphdef, params), meta

@@ -51,6 +51,7 @@ class TrainConfig:
   warmup_fraction: float = 0.15
   label_smoothing: float = 0.1
   max_shift: int = 2
+  stroke_jitter: float = 0.5
   seed: int = 0
   steps_per_dispatch: int = 4
   eval_batch_size: int = 1000
@@ -63,6 +64,8 @@ class TrainConfig:
     _check(0 <= self.warmup_fraction < 1, f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
     _check(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
     _check(0 <= self.max_shift <= 4, f"max_shift must be in [0, 4] pixels, got {self.max_shift}")
+    _check(0 <= self.stroke_jitter <= 1,
+           f"stroke_jitter must be a probability in [0, 1], got {self.stroke_jitter}")
     _check(self.steps_per_dispatch >= 1, f"steps_per_dispatch must be >= 1, got {self.steps_per_dispatch}")
     _check(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
 

@@ -80,3 +80,21 @@ def test_unfinished_save_is_never_the_latest(copy):
   shutil.copytree(copy / "20", copy / "24.orbax-checkpoint-tmp-1234")
   assert CheckpointManager(copy).latest_step() == 20
   assert load_model(copy)[1]["step"] == 20
+
+
+def test_loads_on_another_device_count(trained):
+  """Trained on 4 devices here; loading in a 1-device process must work too."""
+  import os
+  import subprocess
+  import sys
+  directory, result, _ = trained
+  code = ("import jax, sys\nfrom flaxdigits.checkpoint import load_model\n"
+          "model, meta = load_model(sys.argv[1])\n"
+          "print(len(jax.devices()), meta['step'], float(model.head.bias[...].sum()))\n")
+  env = os.environ | {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+  out = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True,
+                       text=True, env=env, timeout=120)
+  assert out.returncode == 0, out.stderr
+  devices, step, bias_sum = out.stdout.split()
+  assert (devices, step) == ("1", "20")
+  assert float(bias_sum) == pytest.approx(float(result.state.params["head"]["bias"][...].sum()))

@@ -1,23 +1,55 @@
 import json
+import sys
+from pathlib import Path
 
+import numpy as np
 import pytest
 from typer.testing import CliRunner
 
 from flaxdigits.cli.main import app
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import make_realistic_set  # noqa: E402
 
-@pytest.mark.slow
-def test_one_epoch_on_real_mnist_through_the_cli(mnist_dir, tmp_path):
-  """The default model and recipe, one epoch over all 60,000 images, scored on all 10,000."""
-  runner = CliRunner()
-  ckpt = tmp_path / "ckpt"
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def real_checkpoint(mnist_dir, tmp_path_factory):
+  """The default model and recipe, one epoch over all 60,000 images, through the CLI."""
+  ckpt = tmp_path_factory.mktemp("e2e") / "ckpt"
   trained = runner.invoke(app, ["train", "--epochs", "1", "--data-dir", str(mnist_dir),
                                 "--checkpoint", str(ckpt), "--json"])
   assert trained.exit_code == 0, trained.output
   assert json.loads(trained.stdout)["step"] == 60_000 // 128
-  evaluated = runner.invoke(app, ["eval", "--checkpoint", str(ckpt), "--data-dir",
+  return ckpt
+
+
+@pytest.mark.slow
+def test_one_epoch_on_real_mnist_scores_all_10000(real_checkpoint, mnist_dir):
+  evaluated = runner.invoke(app, ["eval", "--checkpoint", str(real_checkpoint), "--data-dir",
                                   str(mnist_dir), "--json"])
   assert evaluated.exit_code == 0, evaluated.output
   out = json.loads(evaluated.stdout)
-  assert out["num_examples"] == 10_000
+  assert out["num_examples"] == 10_000 == np.sum(out["confusion_matrix"])
   assert out["accuracy"] >= 0.98
+
+
+@pytest.mark.slow
+def test_predict_recognises_realistic_renderings(real_checkpoint, mnist, tmp_path):
+  """MNIST test digits rendered as photos, canvas exports, chalk, thick and thin pens."""
+  rng = np.random.default_rng(0)
+  test = mnist["test"]
+  paths, labels = [], []
+  for kind in make_realistic_set.KINDS:
+    for index in rng.choice(len(test), 25, replace=False):
+      image, ext = make_realistic_set.render(kind, test.images[index] / 255.0, rng)
+      path = tmp_path / f"{kind}_{index}.{ext}"
+      image.save(path)
+      paths.append(str(path))
+      labels.append(int(test.labels[index]))
+  result = runner.invoke(app, ["predict", "-c", str(real_checkpoint), "--json", *paths])
+  assert result.exit_code == 0, result.output
+  predicted = [o["digit"] for o in json.loads(result.stdout)]
+  accuracy = np.mean(np.array(predicted) == np.array(labels))
+  assert accuracy >= 0.95, accuracy

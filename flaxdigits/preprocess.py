@@ -1,0 +1,255 @@
+"""Turns a real-world picture of a digit into an MNIST-format 28x28 image.
+
+MNIST digits are white ink on black, size-normalised to fit a 20x20 box (aspect ratio kept,
+anti-aliased) and centred by centre of mass in 28x28. Photos, scans and canvas exports are
+nothing like that, so this module reproduces the format: it reads any image Pillow reads,
+separates ink from (unevenly lit, tinted, noisy) background, fixes polarity, crops to the ink,
+normalises stroke width and size, and centres by centre of mass.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from scipy import ndimage
+
+ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
+
+MAX_PIXELS = 40_000_000  # larger images are refused (Pillow's decompression-bomb guard)
+MIN_SIDE = 8
+BOX = 20  # MNIST fits each digit's longer side to 20 px ...
+SIZE = 28  # ... inside a 28x28 canvas
+# Typical MNIST stroke width, in pixels of the 20-px box.
+TARGET_STROKE = 2.4
+
+
+class NoDigitFound(ValueError):
+  """The image holds no ink that could be a digit (a blank page, say)."""
+
+
+def load_image(source: ImageSource) -> Image.Image:
+  """Opens a path, bytes, PIL image or array, applying EXIF orientation.
+
+  Raises:
+    FileNotFoundError: the path does not exist.
+    ValueError: not a readable image, too small, or larger than MAX_PIXELS.
+  """
+  if isinstance(source, Image.Image):
+    return source
+  if isinstance(source, np.ndarray):
+    return Image.fromarray(_array_to_uint8(source))
+  if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
+    if Path(source).is_dir():
+      raise FileNotFoundError(f"no images in directory {source}")
+    raise FileNotFoundError(f"no such file: {source}")
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+    try:
+      image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+      if image.width * image.height > MAX_PIXELS:
+        raise ValueError(f"image of {image.width}x{image.height} pixels is too large "
+                         f"(limit {MAX_PIXELS:,})")
+      image.load()
+      return ImageOps.exif_transpose(image)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError):
+      raise ValueError("image is too large (decompression-bomb guard)") from None
+    except UnidentifiedImageError:
+      raise ValueError("not an image Pillow can read") from None
+    except (OSError, SyntaxError, EOFError) as e:  # truncated or corrupt data
+      raise ValueError(f"cannot decode image ({e})") from None
+
+
+def _array_to_uint8(array: np.ndarray) -> np.ndarray:
+  array = np.asarray(array)
+  if array.ndim == 3 and array.shape[-1] == 1:
+    array = array[..., 0]
+  if array.ndim not in (2, 3) or (array.ndim == 3 and array.shape[-1] not in (3, 4)):
+    raise ValueError(f"array of shape {array.shape} is not an image (H, W[, 1|3|4])")
+  if array.dtype == np.uint8:
+    return array
+  array = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+  if array.dtype.kind == "f" and array.size and array.min() >= 0 and array.max() <= 1:
+    array = array * 255
+  return np.clip(np.rint(array), 0, 255).astype(np.uint8)
+
+
+def ink_map(image: Image.Image) -> np.ndarray:
+  """Ink strength in [0, 1] per pixel (1 = ink, 0 = background), whatever the polarity."""
+  if image.width < MIN_SIDE or image.height < MIN_SIDE:
+    raise ValueError(f"image of {image.width}x{image.height} pixels is too small to hold a "
+                     f"digit (at least {MIN_SIDE}x{MIN_SIDE})")
+  alpha = _alpha(image)
+  gray = _gray(image)
+  if alpha is not None and alpha.min() < 0.9:
+    # A canvas export: strokes are opaque, background transparent. Alpha is the ink; where it
+    # is opaque, colour decides between ink and an opaque background fill.
+    opaque = alpha > 0.5
+    if opaque.mean() < 0.6:
+      return alpha
+    gray = gray * alpha + (1 - alpha) * np.median(gray[opaque])
+  return _separate_ink(gray)
+
+
+def _alpha(image: Image.Image) -> np.ndarray | None:
+  if image.mode == "P" and "transparency" in image.info:
+    image = image.convert("RGBA")
+  if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    return np.asarray(image.getchannel("A"), np.float32) / 255
+  return None
+
+
+def _gray(image: Image.Image) -> np.ndarray:
+  if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    values = np.asarray(image, np.float64)
+    lo, hi = np.percentile(values, [0, 100])
+    return ((values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)).astype(np.float32)
+  if image.mode != "L":
+    image = image.convert("RGB")
+    rgb = np.asarray(image, np.float32) / 255
+    # Luma, but let a coloured pen stand out from paper of any tint: use the darkest channel's
+    # contrast too, by mixing in saturation.
+    luma = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
+    saturation = rgb.max(-1) - rgb.min(-1)
+    return np.clip(luma - 0.5 * (saturation - np.median(saturation)), 0, 1)
+  return np.asarray(image, np.float32) / 255
+
+
+def _separate_ink(gray: np.ndarray) -> np.ndarray:
+  """Background-subtracts, normalises contrast and soft-thresholds a grey image."""
+  h, w = gray.shape
+  # Work at a bounded resolution: enough for strokes, cheap for huge photos.
+  scale = min(1.0, 400 / max(h, w))
+  if scale < 1:
+    gray = np.asarray(Image.fromarray(gray, "F").resize(
+        (max(MIN_SIDE, round(w * scale)), max(MIN_SIDE, round(h * scale))), Image.BOX))
+  # The page's edge is background in photos, scans and canvases alike: light edges mean dark
+  # ink. Where the edge is mid-grey, ink is the minority whose tail lies further from the median.
+  edge = np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]]))
+  p_low, median, p_high = np.percentile(gray, [0.1, 50, 99.9])
+  if edge > 0.55 or (edge >= 0.45 and median - p_low > p_high - median):
+    gray = 1 - gray  # dark ink on light paper -> light ink on dark
+  background = _background(gray)
+  signal = np.clip(gray - background, 0, None)
+  top = np.percentile(signal, 99.7)
+  noise = np.median(signal) + 3 * 1.4826 * np.median(np.abs(signal - np.median(signal)))
+  if top < 0.08 or top < 2.5 * noise:
+    raise NoDigitFound("no digit found (no ink stands out from the background)")
+  signal = signal / top
+  threshold = _otsu(signal)
+  low = max(threshold * 0.5, noise / top)
+  return np.clip((signal - low) / max(threshold * 1.5 - low, 1e-3), 0, 1).astype(np.float32)
+
+
+def _background(gray: np.ndarray) -> np.ndarray:
+  """The paper's (or board's) level under the ink: a smooth quadratic surface fitted robustly.
+
+  Uneven lighting is smooth across a page, so a low-order surface captures it; refitting without
+  the pixels that stand out as ink keeps strokes and filled loops of any size out of the fit.
+  """
+  h, w = gray.shape
+  step = max(1, max(h, w) // 96)
+  sample = gray[::step, ::step]
+  y, x = np.mgrid[0:sample.shape[0], 0:sample.shape[1]]
+  y, x = y.ravel() / sample.shape[0] - 0.5, x.ravel() / sample.shape[1] - 0.5
+  design = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1)
+  values = sample.ravel()
+  keep = np.ones(values.shape, bool)
+  for _ in range(4):
+    coef, *_ = np.linalg.lstsq(design[keep], values[keep], rcond=None)
+    residual = values - design @ coef
+    spread = 1.4826 * np.median(np.abs(residual[keep] - np.median(residual[keep]))) + 1e-3
+    keep = residual < 2.5 * spread  # ink is bright here: drop what stands above the surface
+  yy, xx = np.mgrid[0:h, 0:w]
+  yy, xx = yy / h - 0.5, xx / w - 0.5
+  return (coef[0] + coef[1] * xx + coef[2] * yy + coef[3] * xx * xx + coef[4] * xx * yy
+          + coef[5] * yy * yy).astype(np.float32)
+
+
+def _otsu(values: np.ndarray) -> float:
+  hist, edges = np.histogram(np.clip(values, 0, 1), bins=64, range=(0, 1))
+  centres = (edges[:-1] + edges[1:]) / 2
+  weight_low = np.cumsum(hist)
+  weight_high = weight_low[-1] - weight_low
+  mean_low = np.cumsum(hist * centres) / np.maximum(weight_low, 1)
+  total_mean = (hist * centres).sum() / max(weight_low[-1], 1)
+  mean_high = (total_mean * weight_low[-1] - mean_low * weight_low) / np.maximum(weight_high, 1)
+  between = weight_low * weight_high * (mean_low - mean_high) ** 2
+  return float(centres[np.argmax(between)])
+
+
+def _keep_digit(ink: np.ndarray) -> np.ndarray:
+  """Drops specks and edge clutter: keeps connected components of real weight."""
+  labels, n = ndimage.label(ink > 0.3, structure=np.ones((3, 3)))
+  if n == 0:
+    raise NoDigitFound("no digit found (no ink)")
+  mass = ndimage.sum(ink, labels, index=np.arange(1, n + 1))
+  keep = np.flatnonzero(mass >= 0.15 * mass.max()) + 1
+  mask = ndimage.binary_dilation(np.isin(labels, keep), iterations=2)
+  return ink * mask
+
+
+def _stroke_width(ink: np.ndarray) -> float:
+  """Typical stroke width in pixels: twice the distance to the edge along the strokes' spine."""
+  distance = ndimage.distance_transform_edt(ink > 0.5)
+  spine = (distance > 0) & (distance >= ndimage.maximum_filter(distance, size=3))
+  return 2.0 * float(np.median(distance[spine])) if spine.any() else 0.0
+
+
+def _crop(ink: np.ndarray) -> np.ndarray:
+  rows, cols = np.flatnonzero(ink.max(1) > 0.05), np.flatnonzero(ink.max(0) > 0.05)
+  if len(rows) == 0:
+    raise NoDigitFound("no digit found (no ink)")
+  return ink[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+
+
+def _disk(diameter: float) -> np.ndarray:
+  r = max(1.0, diameter / 2)
+  y, x = np.mgrid[-int(r):int(r) + 1, -int(r):int(r) + 1]
+  return x * x + y * y <= r * r
+
+
+def _resize(values: np.ndarray, width: int, height: int) -> np.ndarray:
+  """Anti-aliased resize of a float map."""
+  shrink = width < values.shape[1] or height < values.shape[0]
+  return np.asarray(Image.fromarray(values.astype(np.float32), "F").resize(
+      (width, height), Image.BOX if shrink else Image.BILINEAR))
+
+
+def to_mnist(source: ImageSource) -> np.ndarray:
+  """Any digit picture -> float32 (28, 28) in [0, 1], white ink on black, MNIST-centred.
+
+  Raises:
+    FileNotFoundError: a path that does not exist.
+    ValueError: unreadable, too small or too large an image.
+    NoDigitFound (a ValueError): no ink stands out (a blank page).
+  """
+  image = load_image(source)
+  ink = _keep_digit(ink_map(image))
+  ink = _crop(ink)
+  # Normalise stroke width at 4x the final scale: pen lines on a big canvas would vanish when
+  # shrunk, and marker strokes would fill the loops.
+  h, w = ink.shape
+  work = 4 * BOX / max(h, w)
+  ink = _resize(ink, max(1, round(w * work)), max(1, round(h * work)))
+  width, target = _stroke_width(ink), 4 * TARGET_STROKE
+  if 0 < width < 0.75 * target:
+    ink = ndimage.grey_dilation(np.pad(ink, int(target)), footprint=_disk(target - width))
+    ink = _crop(ink)
+  elif width > 1.35 * target:
+    ink = _crop(ndimage.grey_erosion(ink, footprint=_disk(width - 1.1 * target)))
+  h, w = ink.shape
+  scale = BOX / max(h, w)
+  new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))
+  small = np.clip(_resize(ink, new_w, new_h), 0, 1)
+  canvas = np.zeros((SIZE, SIZE), np.float32)
+  cy, cx = ndimage.center_of_mass(small)
+  top = int(np.clip(round(SIZE / 2 - cy), 0, SIZE - new_h))
+  left = int(np.clip(round(SIZE / 2 - cx), 0, SIZE - new_w))
+  canvas[top:top + new_h, left:left + new_w] = small
+  return canvas

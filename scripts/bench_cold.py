@@ -1,0 +1,50 @@
+"""Wall time of whole `digits` processes, as a user runs them: predict on one image, eval.
+
+  python scripts/bench_cold.py --checkpoint ckpt --image some.png --data-dir ../shared/data/mnist
+
+Each command runs --runs times as a fresh process; the first run of each starts with an empty
+XLA compilation cache (a first-ever run), the rest reuse it (every later run). Medians reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import tempfile
+import time
+
+
+def timed(command: list[str], env: dict) -> float:
+  start = time.perf_counter()
+  subprocess.run(command, check=True, capture_output=True, env=env)
+  return time.perf_counter() - start
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--checkpoint", default="ckpt")
+  parser.add_argument("--image", required=True)
+  parser.add_argument("--data-dir", required=True)
+  parser.add_argument("--runs", type=int, default=5)
+  args = parser.parse_args()
+  digits = shutil.which("digits")
+  commands = {
+      "digits predict (1 image)": [digits, "predict", "-c", args.checkpoint, args.image],
+      "digits eval (10,000 images)": [digits, "eval", "-c", args.checkpoint, "--data-dir",
+                                      args.data_dir],
+  }
+  for name, command in commands.items():
+    cache = tempfile.mkdtemp(prefix="flaxdigits-xla-")
+    env = os.environ | {"FLAXDIGITS_CACHE_DIR": cache}
+    first = timed(command, env)
+    warm = [timed(command, env) for _ in range(args.runs - 1)]
+    shutil.rmtree(cache, ignore_errors=True)
+    print(f"{name:30s} empty cache {first:5.2f} s; with cache median {statistics.median(warm):5.2f}"
+          f" s (min {min(warm):.2f}, max {max(warm):.2f}, {len(warm)} runs)")
+
+
+if __name__ == "__main__":
+  main()

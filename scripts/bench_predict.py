@@ -1,0 +1,51 @@
+"""Accuracy of `digits predict` preprocessing on the realistic set, against clean MNIST test.
+
+  python scripts/make_realistic_set.py --data-dir ../shared/data/mnist --out realistic
+  python scripts/bench_predict.py --checkpoint ckpt --data-dir ../shared/data/mnist --set realistic
+
+Prints accuracy per kind of input and overall, the same model's accuracy on the clean MNIST test
+set, and the gap in percentage points; also the preprocessing time per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--checkpoint", default="ckpt")
+  parser.add_argument("--data-dir", required=True)
+  parser.add_argument("--set", default="realistic")
+  parser.add_argument("--show-errors", action="store_true")
+  args = parser.parse_args()
+  from flaxdigits.data import load_mnist
+  from flaxdigits.evaluate import evaluate
+  from flaxdigits.predict import Predictor, expand_paths
+  predictor = Predictor.from_checkpoint(args.checkpoint)
+  clean = evaluate(predictor.model, load_mnist(args.data_dir, ("test",))["test"]).accuracy
+  print(f"clean MNIST test accuracy: {100 * clean:.2f}%")
+  total = correct = 0
+  for kind in sorted(p.name for p in Path(args.set).iterdir() if p.is_dir()):
+    paths = expand_paths([str(Path(args.set) / kind)])
+    start = time.perf_counter()
+    results = predictor.predict(paths)
+    seconds = time.perf_counter() - start
+    labels = [int(Path(p).stem.split("_")[1]) for p in paths]
+    hits = sum(r.digit == y for r, y in zip(results, labels))
+    total, correct = total + len(paths), correct + hits
+    acc = hits / len(paths)
+    print(f"{kind:12s} {100 * acc:6.2f}%  ({hits}/{len(paths)})  gap {100 * (clean - acc):+.2f} pp"
+          f"  {1000 * seconds / len(paths):.1f} ms/image")
+    if args.show_errors:
+      for r, y in zip(results, labels):
+        if r.digit != y:
+          print(f"   {r.source}: predicted {r.digit} ({r.confidence}), true {y} {r.error or ''}")
+  acc = correct / total
+  print(f"{'overall':12s} {100 * acc:6.2f}%  ({correct}/{total})  gap {100 * (clean - acc):+.2f} pp")
+
+
+if __name__ == "__main__":
+  main()

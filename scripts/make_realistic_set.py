@@ -1,0 +1,107 @@
+"""Builds a realistic digit test set from MNIST *test* digits, the way real inputs arrive.
+
+  python scripts/make_realistic_set.py --data-dir ../shared/data/mnist --out realistic/ [--per-kind 300]
+
+Kinds (one folder each; file names carry the true label as `<index>_<label>.<ext>`):
+  paper_jpeg   dark ink on light paper, gradient lighting, sensor noise, saved as JPEG
+  canvas_rgba  a drawing-canvas export: dark strokes on a fully transparent background (PNG)
+  colour_pen   blue, red or green pen on tinted paper (PNG)
+  chalk        light chalk on a dark board with texture (JPEG)
+  thick        marker-thick strokes on white (PNG)
+  thin         fine-pen strokes on white (PNG)
+Every kind also gets a small random rotation (up to 12 degrees), a random digit size and a
+random, usually off-centre, position in a canvas of 64 to 480 px.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+KINDS = ("paper_jpeg", "canvas_rgba", "colour_pen", "chalk", "thick", "thin")
+
+
+def place(ink: np.ndarray, rng: np.random.Generator, stroke: str = "normal") -> np.ndarray:
+  """Scales an MNIST ink map (28x28, [0, 1]) into a random canvas at a random spot."""
+  side = int(rng.integers(64, 481))
+  digit = int(rng.integers(int(side * 0.3), int(side * 0.85) + 1))
+  up = np.asarray(Image.fromarray((ink * 255).astype(np.uint8)).resize((digit, digit),
+                                                                        Image.BICUBIC)) / 255.0
+  up = ndimage.rotate(up, float(rng.uniform(-12, 12)), reshape=False, order=1)
+  px = digit / 28  # canvas pixels per MNIST pixel
+  if stroke == "thick":
+    up = ndimage.grey_dilation(up, size=max(2, int(round(px * 1.5))))
+  elif stroke == "thin":
+    up = ndimage.grey_erosion(up, size=max(2, int(round(px * 1.2))))
+    up = np.where(up > 0.3, np.maximum(up, 0.9), 0)
+  canvas = np.zeros((side, side))
+  top, left = (int(rng.integers(0, side - digit + 1)) for _ in range(2))
+  canvas[top:top + digit, left:left + digit] = np.clip(up, 0, 1)
+  return canvas
+
+
+def lighting(side: int, rng: np.random.Generator) -> np.ndarray:
+  """A smooth gradient of illumination across the page, 0.65 to 1.0."""
+  y, x = np.mgrid[0:side, 0:side] / side
+  angle = rng.uniform(0, 2 * np.pi)
+  g = np.cos(angle) * x + np.sin(angle) * y
+  g = (g - g.min()) / max(g.max() - g.min(), 1e-6)
+  return 1.0 - rng.uniform(0.15, 0.35) * g
+
+
+def render(kind: str, ink28: np.ndarray, rng: np.random.Generator) -> tuple[Image.Image, str]:
+  stroke = kind if kind in ("thick", "thin") else "normal"
+  ink = place(ink28, rng, stroke)
+  side = ink.shape[0]
+  if kind == "canvas_rgba":
+    rgba = np.zeros((side, side, 4), np.uint8)
+    rgba[..., :3] = rng.integers(0, 40)
+    rgba[..., 3] = np.rint(ink * 255)
+    return Image.fromarray(rgba, "RGBA"), "png"
+  if kind == "chalk":
+    board = np.array(rng.choice([[30, 60, 40], [25, 25, 30]]), float) / 255
+    texture = ndimage.gaussian_filter(rng.normal(0, 1, ink.shape), 1.0)
+    chalk = ink * np.clip(0.85 + 0.15 * texture, 0, 1)
+    rgb = board * (1 - chalk[..., None]) + 0.92 * chalk[..., None]
+    rgb = rgb * lighting(side, rng)[..., None] + rng.normal(0, 0.03, rgb.shape)
+    return Image.fromarray(np.uint8(np.clip(rgb, 0, 1) * 255)), "jpg"
+  if kind == "colour_pen":
+    paper = np.array(rng.choice([[250, 240, 200], [235, 240, 250], [245, 230, 230]]), float) / 255
+    pen = np.array(rng.choice([[30, 60, 200], [200, 30, 40], [20, 140, 60]]), float) / 255
+  elif kind == "paper_jpeg":
+    paper = np.full(3, rng.uniform(0.85, 1.0))
+    pen = np.full(3, rng.uniform(0.05, 0.25))
+  else:  # thick / thin on white
+    paper, pen = np.ones(3), np.full(3, 0.1)
+  rgb = paper * (1 - ink[..., None]) + pen * ink[..., None]
+  if kind == "paper_jpeg":
+    rgb = rgb * lighting(side, rng)[..., None] + rng.normal(0, 0.04, rgb.shape)
+  return Image.fromarray(np.uint8(np.clip(rgb, 0, 1) * 255)), "jpg" if kind == "paper_jpeg" \
+      else "png"
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data-dir", required=True)
+  parser.add_argument("--out", default="realistic")
+  parser.add_argument("--per-kind", type=int, default=300)
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args()
+  from flaxdigits.data import load_mnist
+  test = load_mnist(args.data_dir, ("test",))["test"]
+  rng = np.random.default_rng(args.seed)
+  for kind in KINDS:
+    folder = Path(args.out) / kind
+    folder.mkdir(parents=True, exist_ok=True)
+    for index in rng.choice(len(test), args.per_kind, replace=False):
+      image, ext = render(kind, test.images[index] / 255.0, rng)
+      image.save(folder / f"{index:05d}_{test.labels[index]}.{ext}", quality=85)
+  print(f"wrote {args.per_kind} images of each of {len(KINDS)} kinds to {args.out}/")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,109 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from flaxdigits.cli.main import app
+from flaxdigits.config import ModelConfig, TrainConfig
+from flaxdigits.predict import Predictor, expand_paths
+from flaxdigits.train import train
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def checkpoint(small, tmp_path_factory):
+  directory = tmp_path_factory.mktemp("predict") / "ckpt"
+  train(small, ModelConfig(conv_features=(8,), dense_features=(32,)),
+        TrainConfig(epochs=1, batch_size=64), checkpoint_dir=str(directory))
+  return directory
+
+
+@pytest.fixture(scope="module")
+def images(small, tmp_path_factory):
+  """Three MNIST test digits as dark-on-light PNGs, a blank page, a text file, an empty dir."""
+  folder = tmp_path_factory.mktemp("images")
+  paths = []
+  for i in range(3):
+    up = Image.fromarray(255 - small["test"].images[i]).resize((112, 112), Image.BICUBIC)
+    up.save(folder / f"digit{i}.png")
+    paths.append(str(folder / f"digit{i}.png"))
+  Image.new("L", (100, 100), 235).save(folder / "blank.png")
+  (folder / "notes.txt").write_text("not an image")
+  (folder / "empty").mkdir()
+  return folder, paths
+
+
+def test_predictor_batches_and_keeps_order(checkpoint, images, monkeypatch):
+  folder, paths = images
+  predictor = Predictor.from_checkpoint(checkpoint)
+  calls = []
+  real = predictor.probabilities
+  monkeypatch.setattr(predictor, "probabilities", lambda x: calls.append(len(x)) or real(x))
+  sources = paths + [str(folder / "blank.png"), str(folder / "notes.txt"), str(folder / "none.png")]
+  results = predictor.predict(sources)
+  assert calls == [3]  # one batched model call for all readable images
+  assert [r.source for r in results] == sources
+  for r in results[:3]:
+    assert r.digit is not None and r.error is None and r.image.shape == (28, 28)
+    assert sum(r.probabilities) == pytest.approx(1.0, abs=1e-4)
+    assert r.confidence == max(r.probabilities) and r.top_k(2)[0] == (r.digit, r.confidence)
+  assert results[3].digit is None and "no digit found" in results[3].error
+  assert "not an image" in results[4].error and "no such file" in results[5].error
+
+
+def test_predictor_accepts_arrays_and_pil_images(checkpoint, small):
+  predictor = Predictor.from_checkpoint(checkpoint)
+  digit = small["test"].images[0]
+  a, b = predictor.predict([digit, Image.fromarray(digit)])
+  assert a.digit == b.digit and a.probabilities == pytest.approx(b.probabilities, abs=1e-6)
+
+
+def test_probabilities_of_preprocessed_batches_of_any_size(checkpoint, small):
+  predictor = Predictor.from_checkpoint(checkpoint)
+  images = small["test"].images[:70] / 255.0
+  all_at_once = predictor.probabilities(images)
+  one_by_one = np.concatenate([predictor.probabilities(images[i:i + 1]) for i in range(5)])
+  assert all_at_once.shape == (70, 10)
+  np.testing.assert_allclose(all_at_once[:5], one_by_one, atol=1e-5)
+
+
+def test_expand_paths(images):
+  folder, paths = images
+  assert expand_paths([str(folder)]) == sorted(paths + [str(folder / "blank.png")])
+  assert expand_paths([str(folder / "digit*.png")]) == paths
+  assert expand_paths([str(folder / "empty"), "nothing*.png"]) == [str(folder / "empty"),
+                                                                   "nothing*.png"]
+
+
+def test_cli_json_reports_each_input_and_fails_if_any_failed(checkpoint, images, tmp_path):
+  folder, paths = images
+  result = runner.invoke(app, ["predict", "-c", str(checkpoint), "--json", paths[0],
+                               str(folder / "blank.png"), str(folder / "empty"),
+                               "--save-preprocessed", str(tmp_path / "seen")])
+  assert result.exit_code == 1
+  out = json.loads(result.stdout)
+  assert [o["file"] for o in out] == [paths[0], str(folder / "blank.png"), str(folder / "empty")]
+  assert isinstance(out[0]["digit"], int) and len(out[0]["probabilities"]) == 10
+  assert out[0]["error"] is None and 0 < out[0]["confidence"] <= 1
+  assert out[1]["digit"] is None and "no digit found" in out[1]["error"]
+  assert out[2]["digit"] is None and "no images in directory" in out[2]["error"]
+  assert "Traceback" not in result.output
+  saved = list((tmp_path / "seen").iterdir())
+  assert [p.name for p in saved] == ["0000_digit0.png"]
+  assert Image.open(saved[0]).size == (28, 28)
+
+
+def test_cli_table_and_success_exit(checkpoint, images):
+  _, paths = images
+  result = runner.invoke(app, ["predict", "-c", str(checkpoint), "--top-k", "2"] + paths,
+                         env={"COLUMNS": "150"})
+  assert result.exit_code == 0, result.output
+  assert all(p in result.stdout for p in paths) and "top 2" in result.stdout
+
+
+def test_cli_missing_checkpoint_is_one_line(images):
+  result = runner.invoke(app, ["predict", "-c", "/nonexistent", images[1][0]])
+  assert result.exit_code == 1 and "checkpoint directory not found" in result.stderr

@@ -1,0 +1,166 @@
+import io
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis.extra import numpy as hnp
+from PIL import Image
+from scipy import ndimage
+
+from flaxdigits.preprocess import MAX_PIXELS, NoDigitFound, to_mnist
+
+
+@pytest.fixture(scope="module")
+def digit(small):
+  """A real MNIST test digit (a 7) as ink in [0, 1], and a 200x200 upscaled version."""
+  ink = small["test"].images[0] / 255.0
+  big = np.asarray(Image.fromarray(small["test"].images[0]).resize((200, 200), Image.BICUBIC))
+  return ink, big / 255.0
+
+
+def assert_mnist_like(out):
+  assert out.shape == (28, 28) and out.dtype == np.float32
+  assert out.min() >= 0.0 and out.max() <= 1.0 and out.max() > 0.5
+  rows, cols = np.nonzero(out > 0.05)
+  assert max(np.ptp(rows), np.ptp(cols)) + 1 <= 22  # fits MNIST's 20x20 box (+ anti-aliasing)
+  cy, cx = ndimage.center_of_mass(out)
+  assert abs(cy - 14) <= 1 and abs(cx - 14) <= 1
+
+
+def similarity(a, b):
+  return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def page(big, *, ink=0.1, paper=0.95, side=480, at=(200, 40)):
+  """Dark ink on light paper, the digit at an off-centre spot of a large page."""
+  canvas = np.zeros((side, side))
+  canvas[at[0]:at[0] + big.shape[0], at[1]:at[1] + big.shape[1]] = big
+  return (paper * (1 - canvas) + ink * canvas)
+
+
+def test_mnist_digit_round_trips(digit):
+  ink, _ = digit
+  out = to_mnist((ink * 255).astype(np.uint8))
+  assert_mnist_like(out)
+  assert similarity(out, ink) > 0.85
+
+
+def test_polarity_off_centre_and_scale_do_not_matter(digit):
+  ink, big = digit
+  dark_on_light = to_mnist(page(big))
+  light_on_dark = to_mnist(1 - page(big))
+  for out in (dark_on_light, light_on_dark):
+    assert_mnist_like(out)
+    assert similarity(out, ink) > 0.8
+  assert similarity(dark_on_light, light_on_dark) > 0.95
+
+
+def test_uneven_lighting_tint_and_jpeg_noise(digit):
+  ink, big = digit
+  rng = np.random.default_rng(0)
+  gray = page(big) * np.linspace(0.6, 1.0, 480)[None, :] + rng.normal(0, 0.04, (480, 480))
+  rgb = np.clip(gray[..., None] * np.array([1.0, 0.95, 0.8]), 0, 1)
+  buffer = io.BytesIO()
+  Image.fromarray((rgb * 255).astype(np.uint8)).save(buffer, "JPEG", quality=70)
+  out = to_mnist(buffer.getvalue())
+  assert_mnist_like(out)
+  assert similarity(out, ink) > 0.8
+
+
+def test_transparent_canvas_export_uses_alpha_as_ink(digit):
+  ink, big = digit
+  rgba = np.zeros((300, 300, 4), np.uint8)
+  rgba[50:250, 60:260, 3] = (big * 255).astype(np.uint8)  # black strokes, transparent elsewhere
+  out = to_mnist(Image.fromarray(rgba, "RGBA"))
+  assert_mnist_like(out)
+  assert similarity(out, ink) > 0.8
+
+
+def test_thin_pen_strokes_are_thickened(digit):
+  ink, big = digit
+  thin = ndimage.grey_erosion(np.pad(big, 100), size=7) > 0.5
+  out = to_mnist(page(thin.astype(float), side=400, at=(0, 0)))
+  assert_mnist_like(out)
+  assert (out > 0.5).sum() > 0.5 * (ink > 0.5).sum()  # strokes survive the shrink
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "I;16", "CMYK", "1"])
+def test_every_mode(digit, mode):
+  _, big = digit
+  gray = Image.fromarray((page(big) * 255).astype(np.uint8))
+  image = gray.convert("I").point(lambda v: v * 256).convert("I;16") if mode == "I;16" \
+      else gray.convert(mode)
+  assert_mnist_like(to_mnist(image))
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF"])
+def test_every_format(digit, fmt):
+  _, big = digit
+  buffer = io.BytesIO()
+  Image.fromarray((page(big) * 255).astype(np.uint8)).save(buffer, fmt)
+  assert_mnist_like(to_mnist(buffer.getvalue()))
+
+
+def test_exif_orientation_is_applied(digit, tmp_path):
+  _, big = digit
+  upright = Image.fromarray((page(big) * 255).astype(np.uint8))
+  stored = upright.transpose(Image.Transpose.ROTATE_90)  # as a sideways camera stores it
+  exif = Image.Exif()
+  exif[0x0112] = 6  # "rotate 90 CW to view"
+  stored.save(tmp_path / "photo.jpg", exif=exif)
+  assert similarity(to_mnist(tmp_path / "photo.jpg"), to_mnist(upright)) > 0.9
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"this is not an image", "not an image"),
+    (b"", "not an image"),
+])
+def test_unreadable_bytes(content, message):
+  with pytest.raises(ValueError, match=message):
+    to_mnist(content)
+
+
+def test_truncated_png(digit):
+  buffer = io.BytesIO()
+  Image.fromarray((page(digit[1]) * 255).astype(np.uint8)).save(buffer, "PNG")
+  with pytest.raises(ValueError, match="cannot decode"):
+    to_mnist(buffer.getvalue()[:len(buffer.getvalue()) // 2])
+
+
+def test_missing_path_and_tiny_and_enormous_images(tmp_path):
+  with pytest.raises(FileNotFoundError, match="no such file"):
+    to_mnist(tmp_path / "nope.png")
+  with pytest.raises(ValueError, match="too small"):
+    to_mnist(np.zeros((1, 1), np.uint8))
+  Image.new("1", (10_000, 10_000)).save(tmp_path / "bomb.png")  # 100 Mpx in a few KB
+  assert 10_000 * 10_000 > MAX_PIXELS
+  with pytest.raises(ValueError, match="too large"):
+    to_mnist(tmp_path / "bomb.png")
+
+
+@pytest.mark.parametrize("blank", [
+    np.full((300, 300), 240, np.uint8),
+    np.clip(np.random.default_rng(0).normal(200, 6, (300, 300)), 0, 255).astype(np.uint8),
+    (np.linspace(120, 250, 300)[None, :] * np.ones((300, 1))).astype(np.uint8),
+])
+def test_blank_page_is_no_digit(blank):
+  with pytest.raises(NoDigitFound, match="no digit found"):
+    to_mnist(blank)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(values=hnp.arrays(
+    dtype=np.float64,
+    shape=st.tuples(st.integers(1, 64), st.integers(1, 64)).flatmap(
+        lambda hw: st.sampled_from([hw, hw + (1,), hw + (3,), hw + (4,)])),
+    elements=st.one_of(st.floats(-10, 300), st.just(np.nan), st.just(np.inf))),
+    dtype=st.sampled_from([np.uint8, np.int32, np.float32, np.float64]))
+def test_any_array_gives_a_valid_image_or_the_documented_error(values, dtype):
+  array = values.astype(dtype) if np.dtype(dtype).kind == "f" else (
+      np.clip(np.nan_to_num(values), 0, 255).astype(dtype))
+  try:
+    out = to_mnist(array)
+  except ValueError:  # includes NoDigitFound
+    return
+  assert out.shape == (28, 28) and out.dtype == np.float32
+  assert np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0
