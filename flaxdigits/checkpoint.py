@@ -129,8 +129,9 @@ def load_model(checkpoint_dir: str | os.PathLike,
   manager = CheckpointManager(checkpoint_dir, read_only=True)
   try:
     meta = manager.read_meta(step)
-    model = build_model(ModelConfig.from_dict(meta["model"]))
-    graphdef, params = nnx.split(model, nnx.Param)
+    config = ModelConfig.from_dict(meta["model"])
+    # Shapes only: initialising real parameters eagerly costs seconds of tiny dispatches.
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(config)), nnx.Param)
     params = manager.restore_params(_abstract(params), meta["step"])
   finally:
     manager.close()
