@@ -45,7 +45,7 @@ def _setup_jax(cpu_devices: int) -> None:
   cache = os.environ.get("FLAXDIGITS_CACHE_DIR",
                          os.path.join(os.path.expanduser("~"), ".cache", "flaxdigits", "xla"))
   jax.config.update("jax_compilation_cache_dir", cache)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
 
 
 def _load_data(data_dir: Optional[Path], splits: tuple[str, ...], console: Console):

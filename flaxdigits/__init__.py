@@ -38,6 +38,10 @@ _EXPORTS = {
     "evaluate": "flaxdigits.evaluate",
     "CheckpointManager": "flaxdigits.checkpoint",
     "load_model": "flaxdigits.checkpoint",
+    "NoDigitFound": "flaxdigits.preprocess",
+    "to_mnist": "flaxdigits.preprocess",
+    "Prediction": "flaxdigits.predict",
+    "Predictor": "flaxdigits.predict",
 }
 __all__ = sorted(_EXPORTS)
 
@@ -59,4 +63,6 @@ if TYPE_CHECKING:
   from flaxdigits.evaluate import EvalResult, cross_entropy, evaluate
   from flaxdigits.model import CNN, build_model, count_params
   from flaxdigits.parallel import make_mesh
+  from flaxdigits.predict import Prediction, Predictor
+  from flaxdigits.preprocess import NoDigitFound, to_mnist
   from flaxdigits.train import (EpochEnd, Progress, Started, TrainResult, TrainState, train)

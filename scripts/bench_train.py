@@ -60,15 +60,16 @@ def main() -> None:
       return time.perf_counter() - start
     return run
 
-  contenders = {"Flax example loop (nnx.jit per host batch, 1 device)": baseline,
-                "flaxdigits loop, 1 device": flaxdigits(jax.devices()[:1]),
-                "flaxdigits loop, 1 device, 4 steps/dispatch": flaxdigits(jax.devices()[:1], 4)}
-  if len(jax.devices()) > 1:
-    n = len(jax.devices())
-    contenders[f"flaxdigits loop, {n} devices (default)"] = flaxdigits(jax.devices())
-    contenders[f"flaxdigits loop, {n} devices, 4 steps/dispatch"] = flaxdigits(jax.devices(), 4)
-    contenders[f"flaxdigits loop, {n} devices + Rich progress bar"] = flaxdigits(
-        jax.devices(), display=True)
+  default_k = TrainConfig().steps_per_dispatch
+  contenders = {"Flax example loop (nnx.jit per host batch, 1 device)": baseline}
+  for devices in ([jax.devices()[:1], jax.devices()] if len(jax.devices()) > 1
+                  else [jax.devices()]):
+    for k in sorted({1, default_k}):
+      tag = " (default)" if len(devices) == len(jax.devices()) and k == default_k else ""
+      contenders[f"flaxdigits, {len(devices)} device(s), {k} step(s)/dispatch{tag}"] = (
+          flaxdigits(devices, k))
+  contenders[f"flaxdigits, {len(jax.devices())} device(s), {default_k} step(s)/dispatch "
+             "+ Rich progress bar"] = flaxdigits(jax.devices(), default_k, display=True)
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {len(jax.devices())} device(s), "
         f"{os.cpu_count()} cores; batch {batch}; steps {args.short}->{args.long}; "
         f"median of {args.repeats}", flush=True)
