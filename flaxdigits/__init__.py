@@ -57,12 +57,12 @@ def __dir__():
 
 
 if TYPE_CHECKING:
-  from flaxdigits.checkpoint import CheckpointManager, load_model
-  from flaxdigits.config import ModelConfig, TrainConfig
-  from flaxdigits.data import Split, load_mnist, normalize
-  from flaxdigits.evaluate import EvalResult, cross_entropy, evaluate
-  from flaxdigits.model import CNN, build_model, count_params
-  from flaxdigits.parallel import make_mesh
-  from flaxdigits.predict import Prediction, Predictor
-  from flaxdigits.preprocess import NoDigitFound, to_mnist
-  from flaxdigits.train import (EpochEnd, Progress, Started, TrainResult, TrainState, train)
+  from flaxdigits.checkpoint import CheckpointManager, load_model  # noqa: F401
+  from flaxdigits.config import ModelConfig, TrainConfig  # noqa: F401
+  from flaxdigits.data import Split, load_mnist, normalize  # noqa: F401
+  from flaxdigits.evaluate import EvalResult, cross_entropy, evaluate  # noqa: F401
+  from flaxdigits.model import CNN, build_model, count_params  # noqa: F401
+  from flaxdigits.parallel import make_mesh  # noqa: F401
+  from flaxdigits.predict import Prediction, Predictor  # noqa: F401
+  from flaxdigits.preprocess import NoDigitFound, to_mnist  # noqa: F401
+  from flaxdigits.train import (EpochEnd, Progress, Started, TrainResult, TrainState, train)  # noqa: F401

@@ -1,7 +1,6 @@
 import jax
 import numpy as np
 import pytest
-from flax import nnx
 
 from flaxdigits.config import ModelConfig
 from flaxdigits.data import Split, normalize
