@@ -10,6 +10,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from flaxdigits import bundle
 from flaxdigits.config import ModelConfig, TrainConfig
 from flaxdigits.model import CNN, build_model
 
@@ -39,7 +40,7 @@ class CheckpointManager:
 
   def save(self, state, model_config: ModelConfig, train_config: TrainConfig,
            history: list[dict[str, float]]) -> None:
-    """Saves asynchronously; call wait() before relying on it."""
+    """Saves asynchronously (call wait() before relying on it), and the inference bundle."""
     step = int(state.step)
     if step in self._manager.all_steps():
       return
@@ -50,6 +51,8 @@ class CheckpointManager:
         trainer=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
                                        "key": state.key}),
         meta=ocp.args.JsonSave(meta)))
+    graphdef = nnx.graphdef(_shapes_only(model_config))
+    bundle.write(self.directory, nnx.merge(graphdef, state.params), step, meta["model"])
 
   def _require_step(self, step: int | None) -> int:
     step = self.latest_step() if step is None else step
@@ -108,6 +111,12 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
 
 
+def _shapes_only(config: ModelConfig) -> CNN:
+  """The model with abstract parameters: initialising real ones eagerly costs seconds of tiny
+  dispatches, and restoring or exporting needs only their shapes."""
+  return nnx.eval_shape(lambda: build_model(config))
+
+
 def check_compatible(meta: dict[str, Any], model_config: ModelConfig,
                      train_config: TrainConfig) -> None:
   saved_model = ModelConfig.from_dict(meta["model"])
@@ -130,8 +139,7 @@ def load_model(checkpoint_dir: str | os.PathLike,
   try:
     meta = manager.read_meta(step)
     config = ModelConfig.from_dict(meta["model"])
-    # Shapes only: initialising real parameters eagerly costs seconds of tiny dispatches.
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: build_model(config)), nnx.Param)
+    graphdef, params = nnx.split(_shapes_only(config), nnx.Param)
     params = manager.restore_params(_abstract(params), meta["step"])
   finally:
     manager.close()

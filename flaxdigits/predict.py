@@ -1,4 +1,4 @@
-"""Classifying user images: a Predictor loads a checkpoint once and runs batched jitted calls."""
+"""Classifying user images: a Predictor loads a model once and runs batched jitted calls."""
 
 from __future__ import annotations
 
@@ -6,14 +6,13 @@ import dataclasses
 import glob
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from flaxdigits.checkpoint import load_model
+from flaxdigits import bundle
 from flaxdigits.preprocess import ImageSource, to_mnist
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -42,21 +41,35 @@ class Prediction:
             "probabilities": self.probabilities, "error": self.error}
 
 
-@jax.jit
-def _probabilities(graphdef, params, images_Bx28x28: jax.Array) -> jax.Array:
-  return jax.nn.softmax(nnx.merge(graphdef, params)(images_Bx28x28[..., None]), axis=-1)
-
-
 class Predictor:
-  """Loads a model once; classifies paths, bytes, PIL images or arrays with one preprocessing."""
+  """Classifies paths, bytes, PIL images or arrays, all through one preprocessing (`to_mnist`).
 
-  def __init__(self, model: nnx.Module):
-    self.model = model
-    self._graphdef, self._params = nnx.split(model)
+  Wraps a jitted `probabilities(images_Bx28x28) -> probs_Bx10`; build one with `from_checkpoint`
+  or `from_model`.
+  """
+
+  def __init__(self, probabilities_fn: Callable[[jax.Array], jax.Array]):
+    self._probabilities = probabilities_fn
+
+  @classmethod
+  def from_model(cls, model: Any) -> "Predictor":
+    """From an NNX model in memory (for example `train(...).model`)."""
+    from flax import nnx  # pylint: disable=import-outside-toplevel
+    graphdef, params = nnx.split(model)
+    call = jax.jit(lambda p, x: jax.nn.softmax(nnx.merge(graphdef, p)(x[..., None]), axis=-1))
+    return cls(lambda images: call(params, images))
 
   @classmethod
   def from_checkpoint(cls, checkpoint_dir: str | os.PathLike) -> "Predictor":
-    return cls(load_model(checkpoint_dir)[0])
+    """From the latest checkpoint: its inference bundle when current, else the Orbax checkpoint."""
+    path = bundle.find(checkpoint_dir)
+    if path is not None:
+      try:
+        return cls(bundle.load(path).probabilities)
+      except ValueError:
+        pass  # written by another JAX or flaxdigits version: the checkpoint itself still loads
+    from flaxdigits.checkpoint import load_model  # pylint: disable=import-outside-toplevel
+    return cls.from_model(load_model(checkpoint_dir)[0])
 
   def warm_up(self) -> None:
     """Compiles the smallest batch shape now rather than on the first request."""
@@ -71,8 +84,7 @@ class Predictor:
       size = next(b for b in _BUCKETS if b >= len(chunk))
       padded = np.zeros((size, 28, 28), np.float32)
       padded[:len(chunk)] = chunk
-      out.append(np.asarray(_probabilities(self._graphdef, self._params, jnp.asarray(padded)))
-                 [:len(chunk)])
+      out.append(np.asarray(self._probabilities(jnp.asarray(padded)))[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, 10), np.float32)
 
   def predict(self, sources: Sequence[ImageSource],

@@ -21,11 +21,13 @@ def main() -> None:
   parser.add_argument("--set", default="realistic")
   parser.add_argument("--show-errors", action="store_true")
   args = parser.parse_args()
+  from flaxdigits.checkpoint import load_model
   from flaxdigits.data import load_mnist
   from flaxdigits.evaluate import evaluate
   from flaxdigits.predict import Predictor, expand_paths
+  model, _ = load_model(args.checkpoint)
+  clean = evaluate(model, load_mnist(args.data_dir, ("test",))["test"]).accuracy
   predictor = Predictor.from_checkpoint(args.checkpoint)
-  clean = evaluate(predictor.model, load_mnist(args.data_dir, ("test",))["test"]).accuracy
   print(f"clean MNIST test accuracy: {100 * clean:.2f}%")
   total = correct = 0
   for kind in sorted(p.name for p in Path(args.set).iterdir() if p.is_dir()):

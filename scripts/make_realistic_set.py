@@ -1,6 +1,6 @@
 """Builds a realistic digit test set from MNIST *test* digits, the way real inputs arrive.
 
-  python scripts/make_realistic_set.py --data-dir ../shared/data/mnist --out realistic/ [--per-kind 300]
+  python scripts/make_realistic_set.py --data-dir ../shared/data/mnist --out realistic [--per-kind N]
 
 Kinds (one folder each; file names carry the true label as `<index>_<label>.<ext>`):
   paper_jpeg   dark ink on light paper, gradient lighting, sensor noise, saved as JPEG
@@ -88,7 +88,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--data-dir", required=True)
   parser.add_argument("--out", default="realistic")
-  parser.add_argument("--per-kind", type=int, default=300)
+  parser.add_argument("--per-kind", type=int, default=2000)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
   from flaxdigits.data import load_mnist

@@ -1,10 +1,15 @@
 import json
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
+from flaxdigits import bundle
+from flaxdigits.checkpoint import load_model
 from flaxdigits.cli.main import app
 from flaxdigits.config import ModelConfig, TrainConfig
 from flaxdigits.predict import Predictor, expand_paths
@@ -68,6 +73,46 @@ def test_probabilities_of_preprocessed_batches_of_any_size(checkpoint, small):
   one_by_one = np.concatenate([predictor.probabilities(images[i:i + 1]) for i in range(5)])
   assert all_at_once.shape == (70, 10)
   np.testing.assert_allclose(all_at_once[:5], one_by_one, atol=1e-5)
+
+
+def test_bundle_computes_what_the_checkpoint_computes(checkpoint, small):
+  """The exported program and the Orbax checkpoint give the same probabilities, any batch."""
+  path = bundle.find(checkpoint)
+  assert path is not None
+  loaded = bundle.load(path)
+  model, meta = load_model(checkpoint)
+  assert loaded.step == meta["step"] and loaded.model_config == meta["model"]
+  images = small["test"].images[:37] / np.float32(255)
+  from_model = Predictor.from_model(model).probabilities(images)
+  np.testing.assert_allclose(np.asarray(loaded.probabilities(images)), from_model, atol=1e-6)
+  np.testing.assert_allclose(Predictor.from_checkpoint(checkpoint).probabilities(images),
+                             from_model, atol=1e-6)
+
+
+def test_predict_from_bundle_imports_neither_flax_nor_orbax(checkpoint, images):
+  code = ("import sys\nfrom flaxdigits.predict import Predictor\n"
+          "[r] = Predictor.from_checkpoint(sys.argv[1]).predict([sys.argv[2]])\n"
+          "assert r.digit is not None, r\n"
+          "print(sorted(m for m in ('flax', 'orbax.checkpoint') if m in sys.modules))\n")
+  out = subprocess.run([sys.executable, "-c", code, str(checkpoint), images[1][0]],
+                       capture_output=True, text=True, check=True)
+  assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("damage", ["stale", "corrupt"])
+def test_stale_or_damaged_bundle_falls_back_to_the_checkpoint(checkpoint, small, tmp_path, damage):
+  copy = tmp_path / "ckpt"
+  shutil.copytree(checkpoint, copy)
+  expected = Predictor.from_checkpoint(checkpoint).probabilities(small["test"].images[:3] / 255)
+  if damage == "stale":  # a newer step finished after the bundle was written
+    latest = max(int(p.name) for p in copy.iterdir() if p.name.isdigit())
+    shutil.copytree(copy / str(latest), copy / str(latest + 1))
+    assert bundle.find(copy) is None
+  else:
+    (copy / bundle.BUNDLE_NAME).write_bytes(b"PK\x03\x04 truncated")
+    assert bundle.find(copy) is None
+  got = Predictor.from_checkpoint(copy).probabilities(small["test"].images[:3] / 255)
+  np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 def test_expand_paths(images):
