@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import enum
 import json
 import os
 import sys
@@ -115,11 +116,50 @@ def _render_training(console: Console, epochs: int, quiet: bool):
   return TrainingDisplay(console, epochs, quiet)
 
 
+class SplitChoice(str, enum.Enum):
+  train = "train"
+  test = "test"
+  all = "all"
+
+
+@app.command()
+def eda(
+    data_dir: DataDir = None,
+    split: Annotated[SplitChoice, typer.Option(help="Which split to describe.")] = SplitChoice.all,
+    out: Annotated[Path, typer.Option(help="Folder for the PNG figures.")] = Path("eda"),
+    json_out: Json = False,
+):
+  """Look at the data: class balance, pixel statistics, sample digits and figures."""
+  from flaxdigits import eda as eda_lib  # pylint: disable=import-outside-toplevel
+  console = err if json_out else Console()
+  splits = ("train", "test") if split == SplitChoice.all else (split.value,)
+  with _user_errors():
+    data = _load_data(data_dir, splits, console)
+    summaries = [eda_lib.summarize(data[name], name) for name in splits]
+    with console.status(f"drawing figures into {out}/"):
+      from flaxdigits import figures  # pylint: disable=import-outside-toplevel
+      written = figures.save_all(figures.eda_figures(data, summaries), out)
+  if json_out:
+    print(json.dumps({"splits": {s.split: s.to_dict() for s in summaries},
+                      "figures": [str(p) for p in written]}))
+    return
+  from flaxdigits.cli import render  # pylint: disable=import-outside-toplevel
+  console.print(render.class_balance_table(summaries))
+  for s in summaries:
+    for line in render.summary_lines(s):
+      console.print(line)
+  console.print(f"figures: {', '.join(str(p) for p in written)}", soft_wrap=True)
+
+
 @app.command("eval")
 def eval_(
     checkpoint: Checkpoint = Path("ckpt"),
     data_dir: DataDir = None,
     batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 1000,
+    report: Annotated[Optional[Path], typer.Option(
+        help="Also show per-class metrics and the most confused pairs, and write figures "
+        "(confusion heatmap, misclassified images, training curves) into this folder.",
+        show_default=False)] = None,
     json_out: Json = False,
     cpu_devices: CpuDevices = 0,
 ):
@@ -132,11 +172,22 @@ def eval_(
     model, meta = load_model(checkpoint)
     test = _load_data(data_dir, ("test",), console)["test"]
     result = evaluate(model, test, batch_size=batch_size)
+    written = []
+    if report is not None:
+      with console.status(f"drawing figures into {report}/"):
+        from flaxdigits import figures  # pylint: disable=import-outside-toplevel
+        written = figures.save_all(figures.report_figures(result, test, meta["history"]),
+                                   report)
   if json_out:
-    print(json.dumps(result.to_dict() | {"checkpoint": str(checkpoint), "step": meta["step"]}))
+    print(json.dumps(result.to_dict() | {"checkpoint": str(checkpoint), "step": meta["step"]}
+                     | ({"figures": [str(p) for p in written]} if report else {})))
     return
-  from flaxdigits.cli.render import confusion_table  # pylint: disable=import-outside-toplevel
-  console.print(confusion_table(result.confusion_matrix.tolist()))
+  from flaxdigits.cli import render  # pylint: disable=import-outside-toplevel
+  console.print(render.confusion_table(result.confusion_matrix.tolist()))
+  if report is not None:
+    console.print(render.per_class_table(result.per_class()))
+    console.print(render.confused_pairs_table(result.most_confused()))
+    console.print(f"figures: {', '.join(str(p) for p in written)}", soft_wrap=True)
   console.print(f"checkpoint {checkpoint}/ step {meta['step']}: [bold]accuracy "
                 f"{100 * result.accuracy:.2f}%[/] ({int(result.confusion_matrix.trace())}/"
                 f"{result.num_examples}), mean loss {result.loss:.4f}")

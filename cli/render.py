@@ -95,3 +95,58 @@ def predictions_table(results, top_k: int) -> Table:
     guesses = "  ".join(f"{d}: {p:.1%}" for d, p in r.top_k(top_k))
     table.add_row(r.source, str(r.digit), Text(f"{r.confidence:.1%}", style=style), guesses)
   return table
+
+
+def class_balance_table(summaries) -> Table:
+  """Counts and shares of each digit, a column pair per split."""
+  table = Table(title="Class balance", box=box.SIMPLE_HEAD, header_style="bold")
+  table.add_column("digit", justify="right", style="bold")
+  for s in summaries:
+    table.add_column(f"{s.split} count", justify="right")
+    table.add_column("share", justify="right", style="dim")
+  for k in range(len(summaries[0].class_counts)):
+    cells = []
+    for s in summaries:
+      cells += [f"{s.class_counts[k]:,}", f"{100 * s.class_shares[k]:.2f}%"]
+    table.add_row(str(k), *cells)
+  totals = []
+  for s in summaries:
+    totals += [f"{s.num_examples:,}", "100%"]
+  table.add_section()
+  table.add_row("all", *totals)
+  return table
+
+
+def summary_lines(summary) -> list[str]:
+  counts = summary.class_counts
+  big, small = counts.index(max(counts)), counts.index(min(counts))
+  verdict = "[green]balanced[/]" if summary.balanced else "[red]imbalanced[/]"
+  uniform = ("not exactly uniform" if summary.chi2_p_value < 0.05 else "consistent with uniform")
+  return [
+      f"[bold]{summary.split}[/]: {verdict}: largest/smallest class {summary.imbalance_ratio:.2f} "
+      f"(digit {big}: {max(counts):,}, digit {small}: {min(counts):,}); {uniform} "
+      f"(chi-square {summary.chi2:.1f}, 9 dof, p = {summary.chi2_p_value:.2g})",
+      f"  pixels scaled to [0, 1]: mean {summary.pixel_mean:.4f}, std {summary.pixel_std:.4f}",
+  ]
+
+
+def per_class_table(rows: list[dict]) -> Table:
+  table = Table(title="Per-class metrics", box=box.SIMPLE_HEAD, header_style="bold")
+  for name in ("digit", "precision", "recall", "F1", "support"):
+    table.add_column(name, justify="right", style="bold" if name == "digit" else None)
+  worst = min(r["f1"] for r in rows)
+  for r in rows:
+    style = "red" if r["f1"] == worst else None
+    table.add_row(str(r["digit"]), f"{100 * r['precision']:.2f}%", f"{100 * r['recall']:.2f}%",
+                  Text(f"{100 * r['f1']:.2f}%", style=style or ""), f"{r['support']:,}")
+  return table
+
+
+def confused_pairs_table(pairs: list[dict]) -> Table:
+  table = Table(title="Most confused pairs", box=box.SIMPLE_HEAD, header_style="bold")
+  table.add_column("true", justify="right")
+  table.add_column("predicted as", justify="right")
+  table.add_column("count", justify="right", style="bold")
+  for p in pairs:
+    table.add_row(str(p["true"]), str(p["predicted"]), str(p["count"]))
+  return table

@@ -38,6 +38,8 @@ _EXPORTS = {
     "evaluate": "flaxdigits.evaluate",
     "CheckpointManager": "flaxdigits.checkpoint",
     "load_model": "flaxdigits.checkpoint",
+    "SplitSummary": "flaxdigits.eda",
+    "summarize": "flaxdigits.eda",
     "NoDigitFound": "flaxdigits.preprocess",
     "to_mnist": "flaxdigits.preprocess",
     "Prediction": "flaxdigits.predict",
@@ -60,6 +62,7 @@ if TYPE_CHECKING:
   from flaxdigits.checkpoint import CheckpointManager, load_model  # noqa: F401
   from flaxdigits.config import ModelConfig, TrainConfig  # noqa: F401
   from flaxdigits.data import Split, load_mnist, normalize  # noqa: F401
+  from flaxdigits.eda import SplitSummary, summarize  # noqa: F401
   from flaxdigits.evaluate import EvalResult, cross_entropy, evaluate  # noqa: F401
   from flaxdigits.model import CNN, build_model, count_params  # noqa: F401
   from flaxdigits.parallel import make_mesh  # noqa: F401

@@ -27,16 +27,45 @@ def cross_entropy(logits_BxK: jax.Array, labels_B: jax.Array,
 
 @dataclasses.dataclass(frozen=True)
 class EvalResult:
-  """Accuracy and mean loss over `num_examples`, and the confusion matrix (rows: true label)."""
+  """Accuracy and mean loss over `num_examples`, and the confusion matrix (rows: true label).
+
+  `predicted` and `confidence` hold each example's predicted class and its probability, in the
+  split's order.
+  """
 
   accuracy: float
   loss: float
   num_examples: int
   confusion_matrix: np.ndarray
+  predicted: np.ndarray
+  confidence: np.ndarray
+
+  def per_class(self) -> list[dict[str, float]]:
+    """Precision, recall, F1 and support of each digit, from the confusion matrix."""
+    cm = self.confusion_matrix
+    hits, predicted, support = np.diag(cm), cm.sum(0), cm.sum(1)
+    rows = []
+    for k in range(len(cm)):
+      precision = hits[k] / predicted[k] if predicted[k] else 0.0
+      recall = hits[k] / support[k] if support[k] else 0.0
+      f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+      rows.append({"digit": k, "precision": float(precision), "recall": float(recall),
+                   "f1": float(f1), "support": int(support[k])})
+    return rows
+
+  def most_confused(self, top: int = 10) -> list[dict[str, int]]:
+    """The largest off-diagonal cells, as {true, predicted, count}, largest first."""
+    off = self.confusion_matrix.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:top]
+    cells = [np.unravel_index(i, off.shape) for i in order]
+    return [{"true": int(t), "predicted": int(p), "count": int(off[t, p])}
+            for t, p in cells if off[t, p]]
 
   def to_dict(self) -> dict:
     return {"accuracy": self.accuracy, "loss": self.loss, "num_examples": self.num_examples,
-            "confusion_matrix": self.confusion_matrix.tolist()}
+            "confusion_matrix": self.confusion_matrix.tolist(), "per_class": self.per_class(),
+            "most_confused": self.most_confused()}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "batch_size", "sharding"))
@@ -51,7 +80,8 @@ def _eval_batch(graphdef, params, images_NxHxW, labels_N, mask_N, start, *, batc
   # Confusion counts as a one-hot outer product: a mergeable sum, like the others.
   confusion_KxK = jnp.einsum("bi,bj->ij", jax.nn.one_hot(labels, NUM_CLASSES) * mask[:, None],
                              jax.nn.one_hot(predicted_B, NUM_CLASSES))
-  return jnp.sum(loss_B * mask), confusion_KxK
+  confidence_B = jnp.max(jax.nn.softmax(logits_BxK, -1), -1)
+  return jnp.sum(loss_B * mask), confusion_KxK, predicted_B, confidence_B
 
 
 def evaluate(model: nnx.Module, split: Split, *, batch_size: int = 1000,
@@ -71,12 +101,16 @@ def evaluate(model: nnx.Module, split: Split, *, batch_size: int = 1000,
   images, labels, mask = parallel.replicate((images, labels, mask), mesh)
   graphdef, params = nnx.split(model)
   params = parallel.replicate(params, mesh)
-  loss_sum, confusion = 0.0, 0.0
+  loss_sum, confusion, predicted, confidence = 0.0, 0.0, [], []
   for start in range(0, padded, batch_size):
-    batch_loss, batch_confusion = _eval_batch(
+    batch_loss, batch_confusion, batch_predicted, batch_confidence = _eval_batch(
         graphdef, params, images, labels, mask, start, batch_size=batch_size,
         sharding=parallel.batch_sharded(mesh))
     loss_sum, confusion = loss_sum + batch_loss, confusion + batch_confusion
+    predicted.append(batch_predicted)
+    confidence.append(batch_confidence)
   confusion = np.rint(np.asarray(confusion)).astype(np.int64)
   return EvalResult(accuracy=float(np.trace(confusion) / n), loss=float(loss_sum) / n,
-                    num_examples=int(confusion.sum()), confusion_matrix=confusion)
+                    num_examples=int(confusion.sum()), confusion_matrix=confusion,
+                    predicted=np.concatenate(jax.device_get(predicted))[:n].astype(np.int64),
+                    confidence=np.concatenate(jax.device_get(confidence))[:n])

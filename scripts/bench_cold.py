@@ -1,4 +1,4 @@
-"""Wall time of whole `digits` processes, as a user runs them: predict on one image, eval.
+"""Wall time of whole `digits` processes, as a user runs them: predict one image, eval, eda.
 
   python scripts/bench_cold.py --checkpoint ckpt --image some.png --data-dir ../shared/data/mnist
 
@@ -29,13 +29,18 @@ def main() -> None:
   parser.add_argument("--image", required=True)
   parser.add_argument("--data-dir", required=True)
   parser.add_argument("--runs", type=int, default=5)
+  parser.add_argument("--only", nargs="*", help="commands to time: predict, eval, eda")
   args = parser.parse_args()
   digits = shutil.which("digits")
   commands = {
       "digits predict (1 image)": [digits, "predict", "-c", args.checkpoint, args.image],
       "digits eval (10,000 images)": [digits, "eval", "-c", args.checkpoint, "--data-dir",
                                       args.data_dir],
+      "digits eda (70,000 images)": [digits, "eda", "--data-dir", args.data_dir, "--out",
+                                     tempfile.mkdtemp(prefix="flaxdigits-eda-")],
   }
+  if args.only:
+    commands = {k: v for k, v in commands.items() if k.split()[1] in args.only}
   for name, command in commands.items():
     filled = tempfile.mkdtemp(prefix="flaxdigits-xla-")
     timed(command, os.environ | {"FLAXDIGITS_CACHE_DIR": filled})

@@ -106,3 +106,26 @@ def test_ctrl_c_saves_checkpoint_and_exits_130(tiny_data_dir, tmp_path):
   assert "interrupted" in err and "--resume" in err and "Traceback" not in err
   from flaxdigits.checkpoint import CheckpointManager
   assert CheckpointManager(ckpt).latest_step() >= 8
+
+
+def test_eval_report_tables_json_and_figures(trained_ckpt, tiny_data_dir, tmp_path):
+  ckpt, _ = trained_ckpt
+  result = runner.invoke(app, ["eval", "-c", str(ckpt), "--data-dir", str(tiny_data_dir),
+                               "--report", str(tmp_path / "report"), "--json"])
+  assert result.exit_code == 0, result.output
+  out = json.loads(result.stdout)
+  assert [r["digit"] for r in out["per_class"]] == list(range(10))
+  cm = out["confusion_matrix"]
+  for r in out["per_class"]:
+    assert r["support"] == sum(cm[r["digit"]])
+  for pair in out["most_confused"]:
+    assert cm[pair["true"]][pair["predicted"]] == pair["count"] and pair["true"] != pair["predicted"]
+  names = sorted(p.name for p in (tmp_path / "report").iterdir())
+  assert names == ["confusion_matrix.png", "misclassified.png", "training_curves.png"]
+  from PIL import Image
+  with Image.open(tmp_path / "report" / "confusion_matrix.png") as image:
+    assert image.format == "PNG" and image.size == (1400, 650)
+  table = runner.invoke(app, ["eval", "-c", str(ckpt), "--data-dir", str(tiny_data_dir),
+                              "--report", str(tmp_path / "report2")], env={"COLUMNS": "120"})
+  assert table.exit_code == 0, table.output
+  assert "Per-class metrics" in table.stdout and "Most confused pairs" in table.stdout

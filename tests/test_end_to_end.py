@@ -12,6 +12,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import make_realistic_set  # noqa: E402
 
 runner = CliRunner()
+TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
 @pytest.fixture(scope="module")
@@ -26,13 +27,20 @@ def real_checkpoint(mnist_dir, tmp_path_factory):
 
 
 @pytest.mark.slow
-def test_one_epoch_on_real_mnist_scores_all_10000(real_checkpoint, mnist_dir):
+def test_one_epoch_on_real_mnist_scores_all_10000(real_checkpoint, mnist_dir, tmp_path):
   evaluated = runner.invoke(app, ["eval", "--checkpoint", str(real_checkpoint), "--data-dir",
-                                  str(mnist_dir), "--json"])
+                                  str(mnist_dir), "--json", "--report", str(tmp_path)])
   assert evaluated.exit_code == 0, evaluated.output
   out = json.loads(evaluated.stdout)
-  assert out["num_examples"] == 10_000 == np.sum(out["confusion_matrix"])
+  cm = np.array(out["confusion_matrix"])
+  assert out["num_examples"] == 10_000 == cm.sum()
   assert out["accuracy"] >= 0.98
+  assert [r["support"] for r in out["per_class"]] == TEST_COUNTS == cm.sum(1).tolist()
+  for r in out["per_class"]:
+    k = r["digit"]
+    assert r["precision"] == pytest.approx(cm[k, k] / cm[:, k].sum())
+    assert r["recall"] == pytest.approx(cm[k, k] / cm[k].sum())
+  assert sum(p["count"] for p in out["most_confused"]) <= 10_000 - np.trace(cm)
 
 
 @pytest.mark.slow

@@ -4,7 +4,7 @@ import pytest
 
 from flaxdigits.config import ModelConfig
 from flaxdigits.data import Split, normalize
-from flaxdigits.evaluate import cross_entropy, evaluate
+from flaxdigits.evaluate import EvalResult, cross_entropy, evaluate
 from flaxdigits.model import build_model
 from flaxdigits.parallel import make_mesh
 
@@ -23,6 +23,41 @@ def test_every_example_scored_exactly_once(small, n, batch_size, n_devices):
   expected = np.zeros((10, 10), int)
   np.add.at(expected, (split.labels, predicted), 1)
   np.testing.assert_array_equal(result.confusion_matrix, expected)
+  np.testing.assert_array_equal(result.predicted, predicted)
+  probabilities = np.asarray(jax.nn.softmax(logits))
+  np.testing.assert_allclose(result.confidence, probabilities.max(-1), rtol=1e-5)
+
+
+def test_per_class_metrics_agree_with_the_predictions(small):
+  model = build_model(ModelConfig(conv_features=(8,), dense_features=(16,)), seed=1)
+  split = small["test"]
+  result = evaluate(model, split)
+  labels, predicted = split.labels, result.predicted
+  rows = result.per_class()
+  assert [r["digit"] for r in rows] == list(range(10))
+  assert sum(r["support"] for r in rows) == len(split)
+  for k, r in enumerate(rows):
+    hits = np.sum((predicted == k) & (labels == k))
+    precision = hits / max(np.sum(predicted == k), 1)
+    recall = hits / np.sum(labels == k)
+    assert r["support"] == np.sum(labels == k)
+    assert r["precision"] == pytest.approx(precision) and r["recall"] == pytest.approx(recall)
+    f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
+    assert r["f1"] == pytest.approx(f1)
+
+
+def test_most_confused_pairs_are_the_largest_off_diagonal_cells():
+  cm = np.diag(np.full(10, 50))
+  cm[9, 4], cm[4, 9], cm[3, 5], cm[7, 1] = 6, 2, 4, 4
+  result = EvalResult(accuracy=0.9, loss=0.1, num_examples=int(cm.sum()), confusion_matrix=cm,
+                      predicted=np.zeros(0, int), confidence=np.zeros(0))
+  assert result.most_confused(3) == [{"true": 9, "predicted": 4, "count": 6},
+                                     {"true": 3, "predicted": 5, "count": 4},
+                                     {"true": 7, "predicted": 1, "count": 4}]
+  assert len(result.most_confused(100)) == 4  # zero cells are not pairs
+  rows = result.per_class()
+  assert rows[4]["recall"] == pytest.approx(50 / 52) and rows[4]["precision"] == pytest.approx(50 / 56)
+  assert rows[0] == {"digit": 0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 50}
 
 
 def test_cross_entropy_with_label_smoothing():
