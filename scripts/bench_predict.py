@@ -46,7 +46,8 @@ def main() -> None:
         if r.digit != y:
           print(f"   {r.source}: predicted {r.digit} ({r.confidence}), true {y} {r.error or ''}")
   acc = correct / total
-  print(f"{'overall':12s} {100 * acc:6.2f}%  ({correct}/{total})  gap {100 * (clean - acc):+.2f} pp")
+  print(f"{'overall':12s} {100 * acc:6.2f}%  ({correct}/{total})  "
+        f"gap {100 * (clean - acc):+.2f} pp")
 
 
 if __name__ == "__main__":

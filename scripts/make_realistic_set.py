@@ -1,6 +1,6 @@
 """Builds a realistic digit test set from MNIST *test* digits, the way real inputs arrive.
 
-  python scripts/make_realistic_set.py --data-dir ../shared/data/mnist --out realistic [--per-kind N]
+  python scripts/make_realistic_set.py --data-dir ../shared/data/mnist --out realistic
 
 Kinds (one folder each; file names carry the true label as `<index>_<label>.<ext>`):
   paper_jpeg   dark ink on light paper, gradient lighting, sensor noise, saved as JPEG

@@ -119,7 +119,8 @@ def test_eval_report_tables_json_and_figures(trained_ckpt, tiny_data_dir, tmp_pa
   for r in out["per_class"]:
     assert r["support"] == sum(cm[r["digit"]])
   for pair in out["most_confused"]:
-    assert cm[pair["true"]][pair["predicted"]] == pair["count"] and pair["true"] != pair["predicted"]
+    assert cm[pair["true"]][pair["predicted"]] == pair["count"]
+    assert pair["true"] != pair["predicted"]
   names = sorted(p.name for p in (tmp_path / "report").iterdir())
   assert names == ["confusion_matrix.png", "misclassified.png", "training_curves.png"]
   from PIL import Image

@@ -56,7 +56,8 @@ def test_most_confused_pairs_are_the_largest_off_diagonal_cells():
                                      {"true": 7, "predicted": 1, "count": 4}]
   assert len(result.most_confused(100)) == 4  # zero cells are not pairs
   rows = result.per_class()
-  assert rows[4]["recall"] == pytest.approx(50 / 52) and rows[4]["precision"] == pytest.approx(50 / 56)
+  assert rows[4]["recall"] == pytest.approx(50 / 52)
+  assert rows[4]["precision"] == pytest.approx(50 / 56)
   assert rows[0] == {"digit": 0, "precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 50}
 
 
