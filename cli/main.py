@@ -229,6 +229,44 @@ def predict(
     raise typer.Exit(1)
 
 
+@app.command()
+def serve(
+    checkpoint: Checkpoint = Path("ckpt"),
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the app to your "
+                                      "network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 5.0,
+):
+  """Serve the web app where people draw a digit (and an HTTP API: POST /api/predict)."""
+  try:
+    import uvicorn  # pylint: disable=import-outside-toplevel
+    from flaxdigits import serve as serve_lib  # pylint: disable=import-outside-toplevel
+  except ImportError as e:
+    err.print(f"[bold red]error:[/] digits serve needs the serve extra ({e.name} is missing): "
+              "pip install 'flaxdigits[serve]'", highlight=False, soft_wrap=True)
+    raise typer.Exit(1) from None
+  import socket  # pylint: disable=import-outside-toplevel
+  try:  # bound before the model loads, so a busy port fails at once
+    sock = socket.create_server((host, port))
+  except OSError as e:
+    err.print(f"[bold red]error:[/] cannot serve on {host}:{port}: {e.strerror or e}",
+              highlight=False)
+    raise typer.Exit(1) from None
+  _setup_jax(1)
+  from flaxdigits.predict import Predictor  # pylint: disable=import-outside-toplevel
+  with _user_errors():
+    with err.status(f"loading and compiling the model from {checkpoint}/"):
+      app_ = serve_lib.create_app(Predictor.from_checkpoint(checkpoint),
+                                  max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                                  info={"checkpoint": str(checkpoint)})
+  bound_host, bound_port = sock.getsockname()[:2]
+  err.print(f"flaxdigits is serving [bold]http://{bound_host}:{bound_port}/[/] "
+            "(Ctrl-C stops it)", highlight=False)
+  config = uvicorn.Config(app_, log_level="warning", timeout_keep_alive=5,
+                          timeout_graceful_shutdown=5)
+  uvicorn.Server(config).run(sockets=[sock])
+
+
 def _save_preprocessed(results, folder: Path) -> None:
   from PIL import Image  # pylint: disable=import-outside-toplevel
   folder.mkdir(parents=True, exist_ok=True)

@@ -57,3 +57,19 @@ def tiny_data_dir(small, tmp_path_factory) -> Path:
     write_idx(root / f"{stem}-images-idx3-ubyte.gz", small[split].images)
     write_idx(root / f"{stem}-labels-idx1-ubyte.gz", small[split].labels)
   return root
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint(mnist_dir, tmp_path_factory):
+  """The default model and recipe, one epoch over all 60,000 images, through the CLI."""
+  import json
+
+  from typer.testing import CliRunner
+
+  from flaxdigits.cli.main import app
+  ckpt = tmp_path_factory.mktemp("e2e") / "ckpt"
+  trained = CliRunner().invoke(app, ["train", "--epochs", "1", "--data-dir", str(mnist_dir),
+                                     "--checkpoint", str(ckpt), "--json"])
+  assert trained.exit_code == 0, trained.output
+  assert json.loads(trained.stdout)["step"] == 60_000 // 128
+  return ckpt

@@ -15,17 +15,6 @@ runner = CliRunner()
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
-@pytest.fixture(scope="module")
-def real_checkpoint(mnist_dir, tmp_path_factory):
-  """The default model and recipe, one epoch over all 60,000 images, through the CLI."""
-  ckpt = tmp_path_factory.mktemp("e2e") / "ckpt"
-  trained = runner.invoke(app, ["train", "--epochs", "1", "--data-dir", str(mnist_dir),
-                                "--checkpoint", str(ckpt), "--json"])
-  assert trained.exit_code == 0, trained.output
-  assert json.loads(trained.stdout)["step"] == 60_000 // 128
-  return ckpt
-
-
 @pytest.mark.slow
 def test_one_epoch_on_real_mnist_scores_all_10000(real_checkpoint, mnist_dir, tmp_path):
   evaluated = runner.invoke(app, ["eval", "--checkpoint", str(real_checkpoint), "--data-dir",

@@ -1,0 +1,129 @@
+"""The drawing page in a real browser: Debian's headless Chromium, driven by Selenium."""
+
+import os
+import shutil
+import socket
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import uvicorn
+
+from flaxdigits.predict import Predictor
+from flaxdigits.serve import create_app
+
+CHROMIUM, CHROMEDRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+ARTIFACTS = Path(os.environ.get("FLAXDIGITS_ARTIFACTS",
+                                Path(__file__).resolve().parents[1] / "test-artifacts"))
+
+if not (CHROMIUM and CHROMEDRIVER):
+  if os.environ.get("CI"):
+    pytest.fail("CI needs Debian's chromium and chromium-driver (.ci/run installs them)",
+                pytrace=False)
+  pytest.skip("needs Debian's chromium and chromium-driver: apt-get install chromium "
+              "chromium-driver", allow_module_level=True)
+
+from selenium import webdriver  # noqa: E402
+from selenium.webdriver.common.actions import interaction  # noqa: E402
+from selenium.webdriver.common.actions.action_builder import ActionBuilder  # noqa: E402
+from selenium.webdriver.common.actions.pointer_input import PointerInput  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server(real_checkpoint):
+  sock = socket.create_server(("127.0.0.1", 0))
+  app = create_app(Predictor.from_checkpoint(real_checkpoint))
+  server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+  thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+  thread.start()
+  while not server.started:
+    time.sleep(0.05)
+  yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
+  server.should_exit = True
+  thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+  options = webdriver.ChromeOptions()
+  options.binary_location = CHROMIUM
+  for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+              "--window-size=800,760"):
+    options.add_argument(arg)
+  os.environ.setdefault("SE_OFFLINE", "true")  # never let Selenium Manager download a driver
+  driver = webdriver.Chrome(options=options, service=webdriver.ChromeService(CHROMEDRIVER))
+  yield driver
+  driver.quit()
+
+
+def ink_runs(digit_28x28: np.ndarray, threshold: int = 128) -> list[tuple[int, int, int]]:
+  """The digit as pen strokes: each row's runs of ink, (row, first column, last column)."""
+  runs = []
+  for r, row in enumerate(digit_28x28 > threshold):
+    padded = np.concatenate([[False], row, [False]]).astype(np.int8)
+    edges = np.flatnonzero(np.diff(padded))
+    runs += [(r, int(a), int(b) - 1) for a, b in zip(edges[::2], edges[1::2])]
+  return runs
+
+
+def draw(driver, pad, digit_28x28: np.ndarray, kind: str) -> None:
+  """Draws with pointer events: pointerdown, pointermove, pointerup for each stroke."""
+  scale = pad.size["width"] * 0.75 / 20  # MNIST's 20-pixel box spans 3/4 of the pad
+  ab = ActionBuilder(driver, mouse=PointerInput(kind, kind), duration=0)
+  for r, c0, c1 in ink_runs(digit_28x28):
+    y = round((r - 14) * scale)
+    ab.pointer_action.move_to(pad, round((c0 - 14) * scale), y)
+    ab.pointer_action.pointer_down()
+    ab.pointer_action.move_to(pad, round((c1 - 14) * scale), y)
+    ab.pointer_action.pointer_up()
+  ab.perform()
+
+
+def answer(driver) -> str:
+  digit = driver.find_element(By.ID, "digit")
+  WebDriverWait(driver, 20).until(lambda d: digit.get_attribute("data-state") == "done")
+  time.sleep(0.3)  # a request scheduled by the last stroke may still be on its way
+  WebDriverWait(driver, 20).until(lambda d: digit.get_attribute("data-state") == "done")
+  return digit.text
+
+
+@pytest.mark.slow
+def test_drawn_mnist_digits_are_recognised(server, browser, mnist):
+  browser.get(server)
+  pad = browser.find_element(By.ID, "pad")
+  test = mnist["test"]
+  kinds = (interaction.POINTER_MOUSE, interaction.POINTER_TOUCH, interaction.POINTER_PEN)
+  shown = []
+  for i in range(10):
+    browser.find_element(By.ID, "clear").click()
+    assert browser.find_element(By.ID, "digit").text == "?"
+    draw(browser, pad, test.images[i], kinds[i % 3])
+    shown.append(answer(browser))
+    if i == 0:
+      assert browser.find_element(By.ID, "seen").get_attribute("src").startswith("data:image/png")
+      widths = [b.value_of_css_property("width")
+                for b in browser.find_elements(By.CSS_SELECTOR, ".bars .fill")]
+      assert len(widths) == 10 and any(w != "0px" for w in widths)
+  ARTIFACTS.mkdir(parents=True, exist_ok=True)
+  browser.save_screenshot(str(ARTIFACTS / "serve.png"))
+  labels = [str(y) for y in test.labels[:10]]
+  assert sum(a == b for a, b in zip(shown, labels)) >= 9, (shown, labels)
+
+
+@pytest.mark.slow
+def test_page_fits_a_phone_screen(server, browser):
+  browser.set_window_size(390, 844)
+  try:
+    browser.get(server)
+    fits = browser.execute_script(
+        "return document.documentElement.scrollWidth <= window.innerWidth")
+    pad = browser.find_element(By.ID, "pad")
+    assert fits and 200 <= pad.size["width"] <= 390
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / "serve_phone.png"))
+  finally:
+    browser.set_window_size(800, 760)
