@@ -29,6 +29,22 @@ CpuDevices = Annotated[int, typer.Option(
 
 
 @contextlib.contextmanager
+def _native_logs_hidden():
+  """TensorFlow's and LiteRT's C++ logging writes straight to file descriptor 2; park it."""
+  import tempfile  # pylint: disable=import-outside-toplevel
+  sys.stderr.flush()
+  saved = os.dup(2)
+  with tempfile.TemporaryFile() as sink:
+    os.dup2(sink.fileno(), 2)
+    try:
+      yield
+    finally:
+      sys.stderr.flush()
+      os.dup2(saved, 2)
+      os.close(saved)
+
+
+@contextlib.contextmanager
 def _user_errors():
   """Documented library errors become one red line on stderr and exit code 1."""
   try:
@@ -265,6 +281,51 @@ def serve(
   config = uvicorn.Config(app_, log_level="warning", timeout_keep_alive=5,
                           timeout_graceful_shutdown=5)
   uvicorn.Server(config).run(sockets=[sock])
+
+
+class ExportFormat(str, enum.Enum):
+  onnx = "onnx"
+  tflite = "tflite"
+
+
+_EXPORT_NEEDS = {ExportFormat.onnx: ("jax2onnx", "onnx", "onnxruntime"),
+                 ExportFormat.tflite: ("tensorflow", "ai_edge_litert")}
+
+
+@app.command("export")
+def export_(
+    fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx (ONNX Runtime) or "
+                                              "tflite (LiteRT on Android and iOS).")],
+    checkpoint: Checkpoint = Path("ckpt"),
+    out: Annotated[Optional[Path], typer.Option(
+        help="Output file.  [default: digits.onnx or digits.tflite]", show_default=False)] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
+    json_out: Json = False,
+):
+  """Export the model for mobile and other runtimes, and check it against JAX."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  missing = [m for m in _EXPORT_NEEDS[fmt] if importlib.util.find_spec(m) is None]
+  if missing:
+    err.print(f"[bold red]error:[/] digits export --format {fmt.value} needs "
+              f"{', '.join(missing)}: pip install 'flaxdigits[export]'", highlight=False,
+              soft_wrap=True)
+    raise typer.Exit(1)
+  _setup_jax(1)
+  from flaxdigits import export as export_lib  # pylint: disable=import-outside-toplevel
+  from flaxdigits.checkpoint import load_model  # pylint: disable=import-outside-toplevel
+  out = out or Path(f"digits.{fmt.value}")
+  console = err if json_out else Console()
+  with _user_errors():
+    model, meta = load_model(checkpoint)
+    with (console.status(f"exporting to {out} and checking it in its runtime"),
+          _native_logs_hidden()):
+      result = export_lib.export(model, meta, fmt.value, out, overwrite=force)
+  if json_out:
+    print(json.dumps({"file": str(result.path), "sidecar": str(result.sidecar),
+                      "size_bytes": result.size_bytes, "max_abs_diff": result.max_abs_diff}))
+    return
+  console.print(f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB) and {result.sidecar}; "
+                f"matches JAX within {result.max_abs_diff:.1e} on a check batch", highlight=False)
 
 
 def _save_preprocessed(results, folder: Path) -> None:

@@ -1,0 +1,72 @@
+import json
+
+import jax
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from flaxdigits import export
+from flaxdigits.checkpoint import load_model
+from flaxdigits.cli.main import app
+from flaxdigits.data import normalize
+
+pytest.importorskip("jax2onnx", reason="needs the export extra: pip install '.[export]'")
+pytest.importorskip("ai_edge_litert", reason="needs the export extra: pip install '.[export]'")
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def reference(real_checkpoint, mnist):
+  """The JAX model's probabilities on all 10,000 real MNIST test images."""
+  model, meta = load_model(real_checkpoint)
+  images = normalize(mnist["test"].images)
+  fn = jax.jit(export.probabilities_fn(model))
+  expected = np.concatenate([np.asarray(fn(images[i:i + 1000])) for i in range(0, 10_000, 1000)])
+  return model, meta, images, expected
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", export.FORMATS)
+def test_export_matches_jax_on_all_test_images(reference, fmt, tmp_path):
+  model, meta, images, expected = reference
+  result = export.export(model, meta, fmt, tmp_path / f"digits.{fmt}")
+  assert result.size_bytes > 3_000_000  # the weights travel inside the one file
+  got = np.concatenate([export.run(result.path, images[i:i + 1000])
+                        for i in range(0, 10_000, 1000)])
+  assert got.shape == (10_000, 10)
+  agreement = np.mean(got.argmax(-1) == expected.argmax(-1))
+  assert agreement >= 0.9999, agreement
+  assert np.abs(got - expected).max() <= 1e-4
+  for n in (1, 7):  # the batch dimension is dynamic
+    np.testing.assert_allclose(export.run(result.path, images[:n]), expected[:n], atol=1e-4)
+  sidecar = json.loads(result.sidecar.read_text())
+  assert sidecar["input"]["shape"] == ["N", 28, 28, 1] and sidecar["input"]["range"] == [0, 1]
+  assert sidecar["output"]["name"] == "probabilities" and sidecar["classes"][3] == "3"
+  assert sidecar["source"]["step"] == meta["step"] and sidecar["file"] == f"digits.{fmt}"
+
+
+def test_refuses_to_overwrite_and_unknown_formats(reference, tmp_path):
+  model, meta, _, _ = reference
+  (tmp_path / "digits.onnx").write_bytes(b"someone's file")
+  with pytest.raises(ValueError, match="exists; pass --force"):
+    export.export(model, meta, "onnx", tmp_path / "digits.onnx")
+  assert (tmp_path / "digits.onnx").read_bytes() == b"someone's file"
+  with pytest.raises(ValueError, match="unknown export format 'pdf'"):
+    export.export(model, meta, "pdf", tmp_path / "digits.pdf")
+
+
+def test_cli_export_json_and_errors(real_checkpoint, tmp_path):
+  out = tmp_path / "phone" / "model.onnx"
+  result = runner.invoke(app, ["export", "-c", str(real_checkpoint), "--format", "onnx", "--out",
+                               str(out), "--json"])
+  assert result.exit_code == 0, result.output
+  reported = json.loads(result.stdout)
+  assert reported["file"] == str(out) and reported["max_abs_diff"] <= 1e-4
+  assert out.is_file() and (tmp_path / "phone" / "model.onnx.json").is_file()
+  again = runner.invoke(app, ["export", "-c", str(real_checkpoint), "-f", "onnx", "--out",
+                              str(out)])
+  assert again.exit_code == 1 and "exists; pass --force" in again.stderr
+  missing = runner.invoke(app, ["export", "-c", str(tmp_path / "none"), "-f", "tflite"])
+  assert missing.exit_code == 1 and "checkpoint directory not found" in missing.stderr
+  assert "Traceback" not in again.output + missing.output
