@@ -82,3 +82,20 @@ def _from_dict(cls, d: dict[str, Any]):
   unknown = set(d) - names
   _check(not unknown, f"unknown {cls.__name__} fields {sorted(unknown)}")
   return cls(**d)
+
+
+# Named recipes for `digits train --preset`; explicit options override them.
+PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
+    "default": (ModelConfig(), TrainConfig()),
+    # The shortest path to 99% measured here: a narrower CNN (conv 24/48, dense 128, about 4x
+    # fewer FLOPs), batch 256, a higher peak LR, 1-pixel shifts and no stroke jitter.
+    "fast": (ModelConfig(conv_features=(24, 48), dense_features=(128,)),
+             TrainConfig(epochs=2, batch_size=256, learning_rate=5e-3, max_shift=1,
+                         stroke_jitter=0.0)),
+}
+
+
+def preset(name: str) -> tuple[ModelConfig, TrainConfig]:
+  """The (model, training) configs of a named recipe."""
+  _check(name in PRESETS, f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+  return PRESETS[name]

@@ -130,3 +130,19 @@ def test_eval_report_tables_json_and_figures(trained_ckpt, tiny_data_dir, tmp_pa
                               "--report", str(tmp_path / "report2")], env={"COLUMNS": "120"})
   assert table.exit_code == 0, table.output
   assert "Per-class metrics" in table.stdout and "Most confused pairs" in table.stdout
+
+
+def test_preset_sets_the_recipe_and_options_override_it(tiny_data_dir, tmp_path):
+  from flaxdigits.checkpoint import CheckpointManager
+  ckpt = tmp_path / "fast"
+  result = runner.invoke(app, ["train", "--preset", "fast", "--epochs", "1", "--batch-size", "64",
+                               "--data-dir", str(tiny_data_dir), "--checkpoint", str(ckpt),
+                               "--quiet"])
+  assert result.exit_code == 0, result.output
+  meta = CheckpointManager(ckpt, read_only=True).read_meta()
+  assert meta["model"]["conv_features"] == [24, 48] and meta["model"]["dense_features"] == [128]
+  assert meta["train"]["batch_size"] == 64 and meta["train"]["epochs"] == 1  # given: kept
+  assert meta["train"]["learning_rate"] == 5e-3 and meta["train"]["max_shift"] == 1  # preset
+  resumed = runner.invoke(app, ["train", "--resume", "--preset", "fast", "--data-dir",
+                                str(tiny_data_dir), "--checkpoint", str(ckpt)])
+  assert resumed.exit_code == 1 and "drop --preset" in resumed.stderr

@@ -57,3 +57,13 @@ def test_config_round_trips_through_dict():
   assert TrainConfig.from_dict(t.to_dict()) == t
   with pytest.raises(ValueError, match="unknown TrainConfig fields"):
     TrainConfig.from_dict({"epochs": 1, "momentum": 0.9})
+
+
+def test_presets():
+  from flaxdigits.config import PRESETS, preset
+  assert preset("default") == (ModelConfig(), TrainConfig())
+  model, recipe = preset("fast")
+  assert recipe.epochs == 2 and model.conv_features == (24, 48)
+  with pytest.raises(ValueError, match="unknown preset 'best'; choose one of default, fast"):
+    preset("best")
+  assert set(PRESETS) == {"default", "fast"}
