@@ -103,6 +103,28 @@ def random_shift(key: jax.Array, images_BxHxWxC: jax.Array, max_shift: int) -> j
   return jax.vmap(crop)(padded, offsets_Bx2)
 
 
+def random_affine(key: jax.Array, images_BxHxWxC: jax.Array, max_shift: float,
+                  max_rotation: float, max_scale: float) -> jax.Array:
+  """Rotates (up to max_rotation radians), scales (by 1 +- max_scale) and shifts (up to
+  max_shift pixels) each image about its centre, independently, with bilinear sampling."""
+  b, h, w, _ = images_BxHxWxC.shape
+  k_angle, k_scale, k_shift = jax.random.split(key, 3)
+  angle_B = jax.random.uniform(k_angle, (b,), minval=-max_rotation, maxval=max_rotation)
+  scale_B = jax.random.uniform(k_scale, (b,), minval=1 - max_scale, maxval=1 + max_scale)
+  shift_Bx2 = jax.random.uniform(k_shift, (b, 2), minval=-max_shift, maxval=max_shift)
+  centre = (h - 1) / 2
+  yy_HxW, xx_HxW = jnp.mgrid[0:h, 0:w].astype(jnp.float32) - centre
+
+  def warp(image_HxWxC, angle, scale, shift_2):
+    cos, sin = jnp.cos(angle) / scale, jnp.sin(angle) / scale
+    source_y = cos * yy_HxW - sin * xx_HxW + centre - shift_2[0]
+    source_x = sin * yy_HxW + cos * xx_HxW + centre - shift_2[1]
+    return jax.scipy.ndimage.map_coordinates(image_HxWxC[..., 0], [source_y, source_x], order=1,
+                                             mode="constant")[..., None]
+
+  return jax.vmap(warp)(images_BxHxWxC, angle_B, scale_B, shift_Bx2)
+
+
 def random_stroke(key: jax.Array, images_BxHxWxC: jax.Array, probability: float) -> jax.Array:
   """Thickens (2x2 max) or thins (2x2 min) each image's strokes with probability/2 each.
 
@@ -122,8 +144,11 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config:
                images_uint8_BxHxW: jax.Array, labels_B: jax.Array) -> tuple[TrainState, dict]:
   """One optimiser step: pure (state, batch) -> (state, metric sums)."""
   images = jax.lax.with_sharding_constraint(normalize(images_uint8_BxHxW), batch_sharding)
-  if config.max_shift:
-    step_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.step)
+  step_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.step)
+  if config.max_rotation or config.max_scale:
+    images = random_affine(step_key, images, config.max_shift, config.max_rotation,
+                           config.max_scale)
+  elif config.max_shift:
     images = random_shift(step_key, images, config.max_shift)
   if config.stroke_jitter:
     stroke_key = jax.random.fold_in(jax.random.fold_in(state.key, 2), state.step)

@@ -44,6 +44,8 @@ def test_bad_model_config_names_the_value(kwargs, message):
     (dict(learning_rate=0), "learning_rate"),
     (dict(max_shift=9), "max_shift"),
     (dict(label_smoothing=1.0), "label_smoothing"),
+    (dict(max_rotation=1.0), "max_rotation .* radians, got 1.0"),
+    (dict(max_scale=-0.1), "max_scale"),
 ])
 def test_bad_train_config_names_the_value(kwargs, message):
   with pytest.raises(ValueError, match=message):

@@ -39,7 +39,7 @@ def test_pinned_first_step_loss(small):
   # Mean loss of the first 64-image step of this seed/config: pinned to catch silent changes to
   # initialisation, preprocessing, shuffling or the loss.
   assert first.step == 1
-  assert first.loss == pytest.approx(2.29912, abs=5e-4)
+  assert first.loss == pytest.approx(2.31214, abs=5e-4)  # 2.29912 before the affine warp
   assert result.history[0]["step"] == 8
 
 
@@ -150,3 +150,22 @@ def test_random_stroke_thickens_thins_or_keeps():
   assert (ink == 16.0).sum() > 16 and (ink == 7.0).sum() > 4 and (ink == 27.0).sum() > 4
   np.testing.assert_array_equal(train_lib.random_stroke(jax.random.PRNGKey(0), images, 0.0),
                                 images)
+
+
+def test_random_affine_is_identity_at_zero_and_keeps_ink_otherwise():
+  rng = np.random.default_rng(0)
+  images = np.zeros((32, 28, 28, 1), np.float32)
+  images[:, 8:20, 12:16, 0] = rng.uniform(0.5, 1.0, (32, 12, 4))
+  same = train_lib.random_affine(jax.random.PRNGKey(0), images, 0, 0.0, 0.0)
+  np.testing.assert_allclose(same, images, atol=1e-6)
+  moved = np.asarray(train_lib.random_affine(jax.random.PRNGKey(1), images, 2, 0.15, 0.1))
+  assert moved.shape == images.shape and not np.allclose(moved, images)
+  # Rotation and a scale of 1 +- 0.1 keep the ink's mass within the scale's square, and the
+  # bar's centre within the shift and the rotation's reach of where it was.
+  ratio = moved.sum((1, 2, 3)) / images.sum((1, 2, 3))
+  assert np.all((ratio > 0.75) & (ratio < 1.3))
+  ys, xs = np.mgrid[0:28, 0:28]
+  cy = (moved[..., 0] * ys).sum((1, 2)) / moved[..., 0].sum((1, 2))
+  cx = (moved[..., 0] * xs).sum((1, 2)) / moved[..., 0].sum((1, 2))
+  assert np.all(np.abs(cy - 13.5) <= 3) and np.all(np.abs(cx - 13.5) <= 3)
+  assert np.std(cy) > 0.3  # each image gets its own transform
