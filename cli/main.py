@@ -84,7 +84,7 @@ def train(
         help="Passes over the 60,000 training images.  [default: 5; the fast preset: 2]",
         show_default=False)] = None,
     preset: Annotated[Optional[Preset], typer.Option(
-        help="A named recipe: default (99.45% in 5 epochs), or fast (a narrower CNN for the "
+        help="A named recipe: default (99.5% in 5 epochs), or fast (a narrower CNN for the "
         "shortest path to 99%). Options given explicitly override it.",
         show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option(
