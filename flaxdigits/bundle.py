@@ -38,12 +38,13 @@ def write(directory: str | os.PathLike, model: Any, step: int,
   """Exports `model` (an NNX module) as the bundle for checkpoint `step`; replaces it atomically."""
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
+  from flaxdigits import model as model_lib  # pylint: disable=import-outside-toplevel
   graphdef, params = nnx.split(model)
   leaves, treedef = jax.tree.flatten(params)
 
   def probabilities(leaves, images_Nx28x28):
     module = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    return jax.nn.softmax(module(images_Nx28x28[..., None]), axis=-1)
+    return model_lib.probabilities(module, images_Nx28x28[..., None])
 
   n, = jax.export.symbolic_shape("n")
   exported = jax.export.export(jax.jit(probabilities))(
@@ -73,7 +74,8 @@ def find(checkpoint_dir: str | os.PathLike) -> Path | None:
     return None
   steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit() and p.is_dir()]
   try:
-    header = _header(np.load(path))
+    with np.load(path) as archive:
+      header = _header(archive)
   except _UNREADABLE:
     return None
   return path if steps and header.get("step") == max(steps) else None

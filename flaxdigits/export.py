@@ -9,6 +9,7 @@ runtimes) are imported here only, inside the functions that need them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import tempfile
@@ -19,6 +20,7 @@ import jax
 import numpy as np
 
 import flaxdigits
+from flaxdigits.model import probabilities
 
 FORMATS = ("onnx", "tflite")
 INPUT_NAME, OUTPUT_NAME = "images", "probabilities"
@@ -35,7 +37,7 @@ class Exported:
 
 def probabilities_fn(model: Any) -> Callable[[jax.Array], jax.Array]:
   """The exported computation: images (N, 28, 28, 1) -> softmax probabilities (N, 10)."""
-  return lambda images_Nx28x28x1: jax.nn.softmax(model(images_Nx28x28x1), axis=-1)
+  return functools.partial(probabilities, model)
 
 
 def export(model: Any, meta: dict[str, Any], fmt: str, path: str | os.PathLike,

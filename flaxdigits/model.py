@@ -47,5 +47,10 @@ def build_model(config: ModelConfig, seed: int = 0) -> CNN:
   return CNN(config, rngs=nnx.Rngs(params=seed))
 
 
+def probabilities(model: CNN, images_BxHxWx1: jax.Array) -> jax.Array:
+  """Class probabilities (B, K): what prediction, the inference bundle and exports compute."""
+  return jax.nn.softmax(model(images_BxHxWx1), axis=-1)
+
+
 def count_params(model: nnx.Module) -> int:
   return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -55,8 +55,10 @@ class Predictor:
   def from_model(cls, model: Any) -> "Predictor":
     """From an NNX model in memory (for example `train(...).model`)."""
     from flax import nnx  # pylint: disable=import-outside-toplevel
+
+    from flaxdigits.model import probabilities  # pylint: disable=import-outside-toplevel
     graphdef, params = nnx.split(model)
-    call = jax.jit(lambda p, x: jax.nn.softmax(nnx.merge(graphdef, p)(x[..., None]), axis=-1))
+    call = jax.jit(lambda p, x: probabilities(nnx.merge(graphdef, p), x[..., None]))
     return cls(lambda images: call(params, images))
 
   @classmethod

@@ -1,5 +1,6 @@
 """Strict JAX and small fixtures: four fake CPU devices so the sharded code paths run."""
 
+import contextlib
 import gzip
 import os
 from pathlib import Path
@@ -73,3 +74,24 @@ def real_checkpoint(mnist_dir, tmp_path_factory):
   assert trained.exit_code == 0, trained.output
   assert json.loads(trained.stdout)["step"] == 60_000 // 128
   return ckpt
+
+
+@contextlib.contextmanager
+def serving(app):
+  """Runs an ASGI app under uvicorn in a thread on a free loopback port; yields its base URL."""
+  import socket
+  import threading
+  import time
+
+  import uvicorn
+  sock = socket.create_server(("127.0.0.1", 0))
+  server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+  thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+  thread.start()
+  while not server.started:
+    time.sleep(0.05)
+  try:
+    yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+  finally:
+    server.should_exit = True
+    thread.join(10)

@@ -2,14 +2,12 @@
 
 import os
 import shutil
-import socket
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-import uvicorn
+from conftest import serving
 
 from flaxdigits.predict import Predictor
 from flaxdigits.serve import create_app
@@ -35,16 +33,8 @@ from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 @pytest.fixture(scope="module")
 def server(real_checkpoint):
-  sock = socket.create_server(("127.0.0.1", 0))
-  app = create_app(Predictor.from_checkpoint(real_checkpoint))
-  server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-  thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-  thread.start()
-  while not server.started:
-    time.sleep(0.05)
-  yield f"http://127.0.0.1:{sock.getsockname()[1]}/"
-  server.should_exit = True
-  thread.join(10)
+  with serving(create_app(Predictor.from_checkpoint(real_checkpoint))) as url:
+    yield url + "/"
 
 
 @pytest.fixture(scope="module")

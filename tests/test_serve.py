@@ -2,14 +2,13 @@ import base64
 import io
 import re
 import socket
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
 import pytest
-import uvicorn
+from conftest import serving
 from fastapi.testclient import TestClient
 from PIL import Image
 from typer.testing import CliRunner
@@ -128,15 +127,8 @@ def test_slow_request_times_out(predictor, small, monkeypatch):
 
 @pytest.fixture()
 def live_server(predictor):
-  sock = socket.create_server(("127.0.0.1", 0))
-  server = uvicorn.Server(uvicorn.Config(create_app(predictor), log_level="warning"))
-  thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-  thread.start()
-  while not server.started:
-    time.sleep(0.05)
-  yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-  server.should_exit = True
-  thread.join(10)
+  with serving(create_app(predictor)) as url:
+    yield url
 
 
 def test_concurrent_requests_each_get_their_own_answer(live_server, predictor, small):
