@@ -61,7 +61,9 @@ class Progress:
 
 @dataclasses.dataclass(frozen=True)
 class EpochEnd:
-  record: dict[str, float]  # one row of the history: epoch, step, losses, accuracies, seconds
+  # One row of the history: epoch, step, losses, accuracies, train_seconds (the epoch's steps,
+  # compilation included) and seconds (train_seconds plus evaluation).
+  record: dict[str, float]
 
 
 Event = Started | Progress | EpochEnd
@@ -285,12 +287,14 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
                             rate))
         pending = metrics
       if pending is not None:
-        _accumulate(sums, pending, epoch * steps_per_epoch + last)
+        _accumulate(sums, pending, epoch * steps_per_epoch + last)  # waits for the last chunk
+      train_seconds = time.perf_counter() - t_epoch
       if last < steps_per_epoch:  # stopped early, mid-epoch
         break
       record = {"epoch": epoch + 1, "step": int(state.step),
                 "train_loss": sums["loss_sum"] / max(sums["count"], 1),
-                "train_accuracy": sums["correct"] / max(sums["count"], 1)}
+                "train_accuracy": sums["correct"] / max(sums["count"], 1),
+                "train_seconds": train_seconds}
       if evaluate_each_epoch and test_split is not None:
         test_result = evaluate(nnx.merge(graphdef, state.params), test_split,
                                batch_size=train_config.eval_batch_size, mesh=mesh)
