@@ -76,16 +76,18 @@ def _load_data(data_dir: Optional[Path], splits: tuple[str, ...], console: Conso
 class Preset(str, enum.Enum):
   default = "default"
   fast = "fast"
+  best = "best"
 
 
 @app.command()
 def train(
     epochs: Annotated[Optional[int], typer.Option(
-        help="Passes over the 60,000 training images.  [default: 5; the fast preset: 2]",
+        help="Passes over the 60,000 training images.  [default: 5; presets: fast 2, best 15]",
         show_default=False)] = None,
     preset: Annotated[Optional[Preset], typer.Option(
-        help="A named recipe: default (99.5% in 5 epochs), or fast (a narrower CNN for the "
-        "shortest path to 99%). Options given explicitly override it.",
+        help="A named recipe: default (99.5% in 5 epochs), fast (a narrower CNN for the "
+        "shortest path to 99%) or best (a deeper CNN, 15 epochs, for the highest accuracy). "
+        "Options given explicitly override it.",
         show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option(
         help="Global batch, split across devices.  [default: 128]", show_default=False)] = None,
@@ -191,6 +193,9 @@ def eval_(
         help="Also show per-class metrics and the most confused pairs, and write figures "
         "(confusion heatmap, misclassified images, training curves) into this folder.",
         show_default=False)] = None,
+    tta: Annotated[bool, typer.Option(
+        help="Test-time augmentation: average each image's probabilities over itself and its "
+        "four one-pixel shifts (5x the work).")] = False,
     json_out: Json = False,
     cpu_devices: CpuDevices = 0,
 ):
@@ -202,7 +207,7 @@ def eval_(
   with _user_errors():
     model, meta = load_model(checkpoint)
     test = _load_data(data_dir, ("test",), console)["test"]
-    result = evaluate(model, test, batch_size=batch_size)
+    result = evaluate(model, test, batch_size=batch_size, tta=tta)
     written = []
     if report is not None:
       with console.status(f"drawing figures into {report}/"):
@@ -210,7 +215,8 @@ def eval_(
         written = figures.save_all(figures.report_figures(result, test, meta["history"]),
                                    report)
   if json_out:
-    print(json.dumps(result.to_dict() | {"checkpoint": str(checkpoint), "step": meta["step"]}
+    print(json.dumps(result.to_dict() | {"checkpoint": str(checkpoint), "step": meta["step"],
+                                         "tta": tta}
                      | ({"figures": [str(p) for p in written]} if report else {})))
     return
   from flaxdigits.cli import render  # pylint: disable=import-outside-toplevel
@@ -219,7 +225,8 @@ def eval_(
     console.print(render.per_class_table(result.per_class()))
     console.print(render.confused_pairs_table(result.most_confused()))
     console.print(f"figures: {', '.join(str(p) for p in written)}", soft_wrap=True)
-  console.print(f"checkpoint {checkpoint}/ step {meta['step']}: [bold]accuracy "
+  console.print(f"checkpoint {checkpoint}/ step {meta['step']}"
+                f"{' with test-time augmentation' if tta else ''}: [bold]accuracy "
                 f"{100 * result.accuracy:.2f}%[/] ({int(result.confusion_matrix.trace())}/"
                 f"{result.num_examples}), mean loss {result.loss:.4f}")
 

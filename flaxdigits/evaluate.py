@@ -68,13 +68,33 @@ class EvalResult:
             "most_confused": self.most_confused()}
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "batch_size", "sharding"))
-def _eval_batch(graphdef, params, images_NxHxW, labels_N, mask_N, start, *, batch_size, sharding):
+# Test-time augmentation: the image itself and its one-pixel shifts up, down, left and right.
+TTA_SHIFTS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
+
+
+def shift_image(images_BxHxWxC: jax.Array, dy: int, dx: int) -> jax.Array:
+  """Moves every image dy pixels down and dx right, filling with zeros (background)."""
+  _, h, w, _ = images_BxHxWxC.shape
+  padded = jnp.pad(images_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
+  return padded[:, 1 - dy:1 - dy + h, 1 - dx:1 - dx + w, :]
+
+
+def tta_log_probs(model: nnx.Module, images_BxHxWxC: jax.Array) -> jax.Array:
+  """Log of the class probabilities averaged over the TTA_SHIFTS views (usable as logits)."""
+  probs = [jax.nn.softmax(model(shift_image(images_BxHxWxC, dy, dx)), -1)
+           for dy, dx in TTA_SHIFTS]
+  return jnp.log(jnp.mean(jnp.stack(probs), axis=0))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "batch_size", "sharding", "tta"))
+def _eval_batch(graphdef, params, images_NxHxW, labels_N, mask_N, start, *, batch_size, sharding,
+                tta=False):
   images = jax.lax.dynamic_slice_in_dim(images_NxHxW, start, batch_size)
   labels = jax.lax.dynamic_slice_in_dim(labels_N, start, batch_size)
   mask = jax.lax.dynamic_slice_in_dim(mask_N, start, batch_size)
   images = jax.lax.with_sharding_constraint(normalize(images), sharding)
-  logits_BxK = nnx.merge(graphdef, params)(images)
+  model = nnx.merge(graphdef, params)
+  logits_BxK = tta_log_probs(model, images) if tta else model(images)
   loss_B = cross_entropy(logits_BxK, labels)
   predicted_B = jnp.argmax(logits_BxK, -1)
   # Confusion counts as a one-hot outer product: a mergeable sum, like the others.
@@ -85,8 +105,12 @@ def _eval_batch(graphdef, params, images_NxHxW, labels_N, mask_N, start, *, batc
 
 
 def evaluate(model: nnx.Module, split: Split, *, batch_size: int = 1000,
-             mesh: Mesh | None = None) -> EvalResult:
-  """Scores every example of `split` exactly once with jitted inference (no gradients)."""
+             mesh: Mesh | None = None, tta: bool = False) -> EvalResult:
+  """Scores every example of `split` exactly once with jitted inference (no gradients).
+
+  With tta, each image is classified by the probabilities averaged over itself and its
+  one-pixel shifts (TTA_SHIFTS): five forward passes per image.
+  """
   mesh = mesh or parallel.make_mesh()
   n_dev = mesh.devices.size
   batch_size = -(-min(batch_size, max(len(split), 1)) // n_dev) * n_dev
@@ -105,7 +129,7 @@ def evaluate(model: nnx.Module, split: Split, *, batch_size: int = 1000,
   for start in range(0, padded, batch_size):
     batch_loss, batch_confusion, batch_predicted, batch_confidence = _eval_batch(
         graphdef, params, images, labels, mask, start, batch_size=batch_size,
-        sharding=parallel.batch_sharded(mesh))
+        sharding=parallel.batch_sharded(mesh), tta=tta)
     loss_sum, confusion = loss_sum + batch_loss, confusion + batch_confusion
     predicted.append(batch_predicted)
     confidence.append(batch_confidence)

@@ -127,9 +127,11 @@ def test_eval_report_tables_json_and_figures(trained_ckpt, tiny_data_dir, tmp_pa
   with Image.open(tmp_path / "report" / "confusion_matrix.png") as image:
     assert image.format == "PNG" and image.size == (1400, 650)
   table = runner.invoke(app, ["eval", "-c", str(ckpt), "--data-dir", str(tiny_data_dir),
-                              "--report", str(tmp_path / "report2")], env={"COLUMNS": "120"})
+                              "--report", str(tmp_path / "report2"), "--tta"],
+                        env={"COLUMNS": "120"})
   assert table.exit_code == 0, table.output
   assert "Per-class metrics" in table.stdout and "Most confused pairs" in table.stdout
+  assert "with test-time augmentation" in table.stdout
 
 
 def test_preset_sets_the_recipe_and_options_override_it(tiny_data_dir, tmp_path):

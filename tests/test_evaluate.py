@@ -4,7 +4,7 @@ import pytest
 
 from flaxdigits.config import ModelConfig
 from flaxdigits.data import Split, normalize
-from flaxdigits.evaluate import EvalResult, cross_entropy, evaluate
+from flaxdigits.evaluate import TTA_SHIFTS, EvalResult, cross_entropy, evaluate, shift_image
 from flaxdigits.model import build_model
 from flaxdigits.parallel import make_mesh
 
@@ -74,3 +74,30 @@ def test_empty_split_is_an_error():
   model = build_model(ModelConfig(conv_features=(4,), dense_features=(4,)))
   with pytest.raises(ValueError, match="empty"):
     evaluate(model, Split(np.zeros((0, 28, 28), np.uint8), np.zeros((0,), np.uint8)))
+
+
+def test_shift_image_moves_pixels_and_fills_with_background():
+  image = np.zeros((1, 5, 5, 1), np.float32)
+  image[0, 2, 3, 0] = 1.0
+  for dy, dx in TTA_SHIFTS:
+    moved = np.asarray(shift_image(image, dy, dx))
+    assert moved[0, 2 + dy, 3 + dx, 0] == 1.0 and moved.sum() == 1.0
+  edge = np.zeros((1, 5, 5, 1), np.float32)
+  edge[0, 0, 0, 0] = 1.0
+  assert np.asarray(shift_image(edge, -1, 0)).sum() == 0.0  # shifted out, not wrapped
+
+
+def test_tta_averages_probabilities_over_the_shifted_views(small):
+  test = small["test"]
+  model = build_model(ModelConfig(), seed=4)
+  result = evaluate(model, test, batch_size=64, tta=True, mesh=make_mesh(jax.devices()[:1]))
+  images = normalize(test.images)
+  probs = np.mean([jax.nn.softmax(model(shift_image(images, dy, dx)), -1)
+                   for dy, dx in TTA_SHIFTS], axis=0)
+  np.testing.assert_array_equal(result.predicted, probs.argmax(-1))
+  np.testing.assert_allclose(result.confidence, probs.max(-1), rtol=1e-5)
+  labels = test.labels.astype(int)
+  assert result.loss == pytest.approx(-np.mean(np.log(probs[np.arange(len(labels)), labels])),
+                                      rel=1e-4)
+  plain = evaluate(model, test, batch_size=64, mesh=make_mesh(jax.devices()[:1]))
+  assert not np.allclose(plain.confidence, result.confidence)
