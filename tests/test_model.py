@@ -71,7 +71,8 @@ def test_presets():
   assert recipe.epochs == 2 and model.conv_features == (24, 48)
   model, recipe = preset("best")
   assert recipe.epochs == 15 and model.conv_features == (32, 64, 128) and model.pool == "max"
-  with pytest.raises(ValueError, match="unknown preset 'fastest'; choose one of default, fast, best"):
+  with pytest.raises(ValueError,
+                     match="unknown preset 'fastest'; choose one of default, fast, best"):
     preset("fastest")
   assert set(PRESETS) == {"default", "fast", "best"}
 
@@ -89,7 +90,9 @@ def test_conv2d_matches_lax_and_its_gradients(size, padding):
   np.testing.assert_allclose(conv2d(x, kernel, padding), _lax_conv(x, kernel, padding),
                              rtol=1e-6, atol=1e-5)
   # A non-linear loss, so the output gradient differs at every position.
-  loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k, padding)))
+  def loss(conv):
+    return lambda x, k: jnp.sum(jnp.sin(conv(x, k, padding)))
+
   want = jax.grad(loss(_lax_conv), (0, 1))(x, kernel)
   got = jax.jit(jax.grad(loss(conv2d), (0, 1)))(x, kernel)
   for g, w in zip(got, want):
