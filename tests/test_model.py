@@ -27,6 +27,19 @@ def test_same_seed_same_parameters_other_seed_differs():
   a, b, c = (build_model(ModelConfig(), seed=s) for s in (0, 0, 1))
   assert jnp.array_equal(a.convs[0].kernel[...], b.convs[0].kernel[...])
   assert not jnp.array_equal(a.convs[0].kernel[...], c.convs[0].kernel[...])
+  a.convs[0].kernel[...] = jnp.zeros_like(a.convs[0].kernel[...])  # models share no state
+  assert jnp.any(b.convs[0].kernel[...] != 0)
+
+
+@pytest.mark.parametrize("config", [ModelConfig(), ModelConfig(conv_features=(8, 16, 32),
+                                                              pool="max")])
+def test_compiled_initialisation_gives_the_eager_parameters(config):
+  from flaxdigits.model import CNN
+  eager = nnx.state(CNN(config, rngs=nnx.Rngs(params=3)), nnx.Param)
+  built = nnx.state(build_model(config, seed=3), nnx.Param)
+  assert jax.tree.structure(eager) == jax.tree.structure(built)
+  for want, got in zip(jax.tree.leaves(eager), jax.tree.leaves(built)):
+    np.testing.assert_array_equal(got, want)
 
 
 @pytest.mark.parametrize("kwargs, message", [
