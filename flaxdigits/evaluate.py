@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from flaxdigits import parallel
 from flaxdigits.data import NUM_CLASSES, Split, normalize
+from flaxdigits.model import probabilities
 
 
 def cross_entropy(logits_BxK: jax.Array, labels_B: jax.Array,
@@ -81,8 +82,7 @@ def shift_image(images_BxHxWxC: jax.Array, dy: int, dx: int) -> jax.Array:
 
 def tta_log_probs(model: nnx.Module, images_BxHxWxC: jax.Array) -> jax.Array:
   """Log of the class probabilities averaged over the TTA_SHIFTS views (usable as logits)."""
-  probs = [jax.nn.softmax(model(shift_image(images_BxHxWxC, dy, dx)), -1)
-           for dy, dx in TTA_SHIFTS]
+  probs = [probabilities(model, shift_image(images_BxHxWxC, dy, dx)) for dy, dx in TTA_SHIFTS]
   return jnp.log(jnp.mean(jnp.stack(probs), axis=0))
 
 
