@@ -11,67 +11,6 @@ from flax import nnx
 from flaxdigits.config import ModelConfig
 
 
-_NHWC = ("NHWC", "HWIO", "NHWC")
-
-
-def _conv(x_BxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array, padding) -> jax.Array:
-  return jax.lax.conv_general_dilated(x_BxHxWxC, kernel_KxKxCxF, (1, 1), padding,
-                                      dimension_numbers=_NHWC)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def conv2d(x_BxHxWxC: jax.Array, kernel_KxKxCxF: jax.Array, padding) -> jax.Array:
-  """Stride-1 NHWC convolution whose kernel gradient is one matrix product.
-
-  XLA on CPU computes a convolution's kernel gradient as a convolution over the batch, 2-3x
-  slower than gathering the input patches and multiplying them with the output gradient; that
-  gradient is the largest part of a training step. The forward pass and the input gradient are
-  XLA's own.
-  """
-  return _conv(x_BxHxWxC, kernel_KxKxCxF, padding)
-
-
-def _conv2d_fwd(x, kernel, padding):
-  return _conv(x, kernel, padding), (x, kernel)
-
-
-def _conv2d_bwd(padding, residuals, dy_BxHxWxF):
-  x_BxHxWxC, kernel_KxKxCxF = residuals
-  kh, kw, c, f = kernel_KxKxCxF.shape
-  _, dx_vjp = jax.vjp(lambda x: _conv(x, kernel_KxKxCxF, padding), x_BxHxWxC)
-  (dx,) = dx_vjp(dy_BxHxWxF)
-  _, h, w, _ = dy_BxHxWxF.shape
-  padded = jnp.pad(x_BxHxWxC, ((0, 0), *padding, (0, 0)))
-  # Patches in (ky, kx, c) order: the row-major layout of an HWIO kernel.
-  patches_BxHxWxKKC = jnp.concatenate(
-      [padded[:, i:i + h, j:j + w, :] for i in range(kh) for j in range(kw)], axis=-1)
-  dkernel = jnp.einsum("bhwp,bhwf->pf", patches_BxHxWxKKC, dy_BxHxWxF)
-  return dx, dkernel.reshape(kh, kw, c, f)
-
-
-conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
-
-
-def _conv_general_dilated(x, kernel, strides, padding, lhs_dilation=None, rhs_dilation=None,
-                          dimension_numbers=None, feature_group_count=1, precision=None,
-                          **kwargs):
-  """nnx.Conv's convolution hook: conv2d for the plain case this CNN builds, lax otherwise."""
-  lax_kwargs = dict(lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
-                    dimension_numbers=dimension_numbers,
-                    feature_group_count=feature_group_count, precision=precision, **kwargs)
-  nhwc = jax.lax.conv_dimension_numbers(x.shape, kernel.shape, _NHWC)
-  plain = (x.ndim == 4 and tuple(strides) == (1, 1)
-           and all(d is None or tuple(d) == (1, 1) for d in (lhs_dilation, rhs_dilation))
-           and feature_group_count == 1 and precision is None
-           and jax.lax.conv_dimension_numbers(x.shape, kernel.shape, dimension_numbers) == nhwc
-           and kwargs.get("out_sharding") is None and "preferred_element_type" not in kwargs)
-  if not plain:
-    return jax.lax.conv_general_dilated(x, kernel, strides, padding, **lax_kwargs)
-  if isinstance(padding, str):
-    padding = jax.lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
-  return conv2d(x, kernel, tuple(tuple(p) for p in padding))
-
-
 def pool2x2(x_BxHxWxC: jax.Array, kind: str = "avg") -> jax.Array:
   """2x2 pooling with stride 2 ('VALID': an odd last row/column is dropped), as a reshape.
 
@@ -93,8 +32,7 @@ class CNN(nnx.Module):
     self.config = config
     k = (config.kernel_size, config.kernel_size)
     channels = (1,) + config.conv_features
-    self.convs = nnx.List([nnx.Conv(c_in, c_out, kernel_size=k, rngs=rngs,
-                                    conv_general_dilated=_conv_general_dilated)
+    self.convs = nnx.List([nnx.Conv(c_in, c_out, kernel_size=k, rngs=rngs)
                            for c_in, c_out in zip(channels[:-1], channels[1:])])
     side = 28
     for _ in config.conv_features:

@@ -5,7 +5,7 @@ import pytest
 from flax import nnx
 
 from flaxdigits.config import ModelConfig, TrainConfig
-from flaxdigits.model import build_model, conv2d, count_params, pool2x2
+from flaxdigits.model import build_model, count_params, pool2x2
 
 
 def test_default_model_is_the_flax_example_cnn():
@@ -88,45 +88,6 @@ def test_presets():
                      match="unknown preset 'fastest'; choose one of default, fast, best"):
     preset("fastest")
   assert set(PRESETS) == {"default", "fast", "best"}
-
-
-def _lax_conv(x, kernel, padding):
-  return jax.lax.conv_general_dilated(x, kernel, (1, 1), padding,
-                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
-
-
-@pytest.mark.parametrize("size, padding", [(3, ((1, 1), (1, 1))), (5, ((2, 2), (2, 2))),
-                                           (3, ((0, 0), (0, 0))), (3, ((0, 1), (1, 0)))])
-def test_conv2d_matches_lax_and_its_gradients(size, padding):
-  x = jax.random.normal(jax.random.key(0), (3, 9, 11, 4))
-  kernel = jax.random.normal(jax.random.key(1), (size, size, 4, 5))
-  np.testing.assert_allclose(conv2d(x, kernel, padding), _lax_conv(x, kernel, padding),
-                             rtol=1e-6, atol=1e-5)
-  # A non-linear loss, so the output gradient differs at every position.
-  def loss(conv):
-    return lambda x, k: jnp.sum(jnp.sin(conv(x, k, padding)))
-
-  want = jax.grad(loss(_lax_conv), (0, 1))(x, kernel)
-  got = jax.jit(jax.grad(loss(conv2d), (0, 1)))(x, kernel)
-  for g, w in zip(got, want):
-    assert g.shape == w.shape
-    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4 * float(jnp.abs(w).max()))
-
-
-def test_the_models_convolutions_go_through_conv2d(monkeypatch):
-  import flaxdigits.model as model_lib
-  calls = []
-  monkeypatch.setattr(model_lib, "conv2d", lambda *args: calls.append(args[2]) or
-                      _lax_conv(*args))
-  build_model(ModelConfig(kernel_size=5))(jnp.zeros((2, 28, 28, 1)))
-  assert calls == [((2, 2), (2, 2))] * 2
-  # Anything but the plain stride-1 case falls back to lax unchanged.
-  strided = nnx.Conv(3, 4, (3, 3), strides=2, rngs=nnx.Rngs(0),
-                     conv_general_dilated=model_lib._conv_general_dilated)
-  reference = nnx.Conv(3, 4, (3, 3), strides=2, rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(2), (2, 9, 9, 3))
-  np.testing.assert_array_equal(strided(x), reference(x))
-  assert len(calls) == 2
 
 
 @pytest.mark.parametrize("kind, reference", [("avg", nnx.avg_pool), ("max", nnx.max_pool)])

@@ -152,6 +152,36 @@ def test_random_stroke_thickens_thins_or_keeps():
                                 images)
 
 
+def test_random_stroke_windows_are_2x2_same_max_and_min():
+  # Ink on every border row and column: where the window hangs over the edge.
+  images = jax.random.uniform(jax.random.PRNGKey(3), (4, 28, 28, 1))
+  window = ((1, 2, 2, 1), (1, 1, 1, 1), "SAME")
+  want_thick = jax.lax.reduce_window(images, -np.inf, jax.lax.max, *window)
+  want_thin = jax.lax.reduce_window(images, np.inf, jax.lax.min, *window)
+  # With probability 1, each image is thickened (its draw < 0.5) or else thinned.
+  draws = np.asarray(jax.random.uniform(jax.random.PRNGKey(0), (4,)))[:, None, None, None]
+  assert 0 < (draws < 0.5).sum() < 4
+  np.testing.assert_array_equal(train_lib.random_stroke(jax.random.PRNGKey(0), images, 1.0),
+                                np.where(draws < 0.5, want_thick, want_thin))
+
+
+def test_training_on_cpu_compiles_convolutions_with_xlas_own_kernels():
+  options = train_lib.training_compiler_options(make_mesh())
+  assert options == {"xla_cpu_experimental_ynn_fusion_type": ""}
+  x, kernel = jax.ShapeDtypeStruct((8, 14, 14, 32), "float32"), jax.ShapeDtypeStruct(
+      (3, 3, 32, 64), "float32")
+
+  def conv(x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME",
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+  default = jax.jit(conv).lower(x, kernel).compile().as_text()
+  training = jax.jit(conv, compiler_options=options).lower(x, kernel).compile().as_text()
+  assert "__ynn_fusion" not in training and "convolution(" in training
+  if "__ynn_fusion" not in default:
+    pytest.skip("this XLA does not hand convolutions to YNNPACK by default")
+
+
 def test_random_affine_is_identity_at_zero_and_keeps_ink_otherwise():
   rng = np.random.default_rng(0)
   images = np.zeros((32, 28, 28, 1), np.float32)
