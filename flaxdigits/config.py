@@ -92,10 +92,11 @@ def _from_dict(cls, d: dict[str, Any]):
 # Named recipes for `digits train --preset`; explicit options override them.
 PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "default": (ModelConfig(), TrainConfig()),
-    # The shortest path to 99% measured here: a narrower CNN (conv 24/48, dense 128, about half
-    # the FLOPs), batch 256, a higher peak LR, whole-pixel shifts of up to 1, no other jitter.
-    "fast": (ModelConfig(conv_features=(24, 48), dense_features=(128,)),
-             TrainConfig(epochs=2, batch_size=256, learning_rate=5e-3, max_shift=1,
+    # The shortest path to 99% measured here: a narrow CNN (conv 16/32, dense 128, a quarter of
+    # the default's FLOPs), batch 256, a peak LR of 1e-2, whole-pixel shifts of up to 1, no
+    # other jitter.
+    "fast": (ModelConfig(conv_features=(16, 32), dense_features=(128,)),
+             TrainConfig(epochs=2, batch_size=256, learning_rate=1e-2, max_shift=1,
                          max_rotation=0.0, max_scale=0.0, stroke_jitter=0.0)),
     # Accuracy first: a third conv block (conv 32/64/128, max pooling) and 15 epochs of the
     # default recipe's augmentation.

@@ -6,7 +6,11 @@ Contenders (each run trains from scratch on real MNIST and scores the 10,000 tes
 every epoch):
   flaxdigits            `digits train`'s default recipe, data-parallel over one CPU device per core
   flaxdigits-fast       `digits train --preset fast` (its own 2 epochs)
-  flax-example          the Flax MNIST example's model and loop (scripts/flax_example_loop.py)
+  flax-example          the Flax MNIST example's model and loop (scripts/flax_example_loop.py),
+                        as its users run it
+  flax-example-eigen    the same, compiled with the XLA option flaxdigits trains with (XLA's own
+                        Eigen convolutions instead of YNNPACK's): what the example's loop gets
+                        from that one option
   pytorch               the same CNN and recipe as the Flax example in PyTorch eager mode
                         (skipped when torch is not installed)
 
@@ -38,6 +42,7 @@ CONTENDERS = {
     "flaxdigits": "default recipe, 2x CPU devices",
     "flaxdigits-fast": "--preset fast",
     "flax-example": "Flax example loop, 1 device",
+    "flax-example-eigen": "the same + XLA's Eigen convolutions",
     "pytorch": "PyTorch eager, same CNN + recipe",
 }
 BASELINE = "flax-example"
@@ -182,7 +187,7 @@ def child(name: str, args) -> dict:
     return _child_flaxdigits(args, "default")
   if name == "flaxdigits-fast":
     return _child_flaxdigits(args, "fast")
-  if name == "flax-example":
+  if name in ("flax-example", "flax-example-eigen"):
     return _child_flax_example(args)
   return _child_pytorch(args)
 
@@ -217,6 +222,11 @@ def median_of(runs: list[dict], key: str):
   if not values:
     return None
   return statistics.median(values) if isinstance(values[0], (int, float)) else values[0]
+
+
+def _cpu_training_options() -> dict[str, str]:
+  from flaxdigits.train import _CPU_TRAINING_OPTIONS  # pylint: disable=import-outside-toplevel
+  return _CPU_TRAINING_OPTIONS
 
 
 def _torch_installed() -> bool:
@@ -259,7 +269,11 @@ def main() -> None:
       start = time.perf_counter()
       cmd = [sys.executable, os.path.abspath(__file__), "--child", name, "--epochs",
              str(args.epochs)] + (["--data-dir", args.data_dir] if args.data_dir else [])
-      proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+      env = dict(os.environ)
+      if name == "flax-example-eigen":  # as train.training_compiler_options, process-wide
+        env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " " + " ".join(
+            f"--{k}={v}" for k, v in _cpu_training_options().items())).strip()
+      proc = subprocess.run(cmd, capture_output=True, text=True, check=False, env=env)
       if proc.returncode != 0:
         console.print(proc.stderr[-3000:], markup=False)
         sys.exit(f"{name} failed (exit {proc.returncode})")

@@ -81,7 +81,7 @@ def test_presets():
   from flaxdigits.config import PRESETS, preset
   assert preset("default") == (ModelConfig(), TrainConfig())
   model, recipe = preset("fast")
-  assert recipe.epochs == 2 and model.conv_features == (24, 48)
+  assert recipe.epochs == 2 and model.conv_features == (16, 32)
   model, recipe = preset("best")
   assert recipe.epochs == 15 and model.conv_features == (32, 64, 128) and model.pool == "max"
   with pytest.raises(ValueError,
