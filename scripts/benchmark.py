@@ -225,8 +225,10 @@ def median_of(runs: list[dict], key: str):
 
 
 def _cpu_training_options() -> dict[str, str]:
-  from flaxdigits.train import _CPU_TRAINING_OPTIONS  # pylint: disable=import-outside-toplevel
-  return _CPU_TRAINING_OPTIONS
+  """The options `digits train` compiles its training program with on this machine's CPU."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from flaxdigits import parallel, train  # pylint: disable=import-outside-toplevel
+  return train.training_compiler_options(parallel.make_mesh(jax.devices("cpu"))) or {}
 
 
 def _torch_installed() -> bool:
