@@ -12,7 +12,7 @@ from flax import nnx
 
 from flaxdigits import bundle
 from flaxdigits.config import ModelConfig, TrainConfig
-from flaxdigits.model import CNN, build_model
+from flaxdigits.model import CNN, abstract_model
 
 FORMAT_VERSION = 1
 MAX_TO_KEEP = 3
@@ -51,7 +51,7 @@ class CheckpointManager:
         trainer=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
                                        "key": state.key}),
         meta=ocp.args.JsonSave(meta)))
-    graphdef = nnx.graphdef(_shapes_only(model_config))
+    graphdef = nnx.graphdef(abstract_model(model_config))
     bundle.write(self.directory, nnx.merge(graphdef, state.params), step, meta["model"])
 
   def _require_step(self, step: int | None) -> int:
@@ -111,12 +111,6 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
 
 
-def _shapes_only(config: ModelConfig) -> CNN:
-  """The model with abstract parameters: initialising real ones eagerly costs seconds of tiny
-  dispatches, and restoring or exporting needs only their shapes."""
-  return nnx.eval_shape(lambda: build_model(config))
-
-
 def check_compatible(meta: dict[str, Any], model_config: ModelConfig,
                      train_config: TrainConfig) -> None:
   saved_model = ModelConfig.from_dict(meta["model"])
@@ -139,7 +133,7 @@ def load_model(checkpoint_dir: str | os.PathLike,
   try:
     meta = manager.read_meta(step)
     config = ModelConfig.from_dict(meta["model"])
-    graphdef, params = nnx.split(_shapes_only(config), nnx.Param)
+    graphdef, params = nnx.split(abstract_model(config), nnx.Param)
     params = manager.restore_params(_abstract(params), meta["step"])
   finally:
     manager.close()
