@@ -233,8 +233,9 @@ def epoch_permutation(key: jax.Array, epoch: int, *, n: int, steps: int,
 
 def init_state(model: CNN, tx: optax.GradientTransformation, seed: int) -> TrainState:
   params = nnx.state(model, nnx.Param)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                    key=jax.random.PRNGKey(seed))
+  # One program for all the optimiser's zeros: eagerly each shape compiles its own.
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=jax.jit(tx.init)(params), key=jax.random.PRNGKey(seed))
 
 
 # ----------------------------------------------------------------------------- the loop
