@@ -94,10 +94,11 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "default": (ModelConfig(), TrainConfig()),
     # The shortest path to 99% measured here: a narrow CNN (conv 16/32, dense 128, a quarter of
     # the default's FLOPs), batch 256, a peak LR of 1e-2, whole-pixel shifts of up to 1, no
-    # other jitter.
+    # other jitter. Two steps per dispatch: that program compiles ~1 s sooner than four steps'.
     "fast": (ModelConfig(conv_features=(16, 32), dense_features=(128,)),
              TrainConfig(epochs=2, batch_size=256, learning_rate=1e-2, max_shift=1,
-                         max_rotation=0.0, max_scale=0.0, stroke_jitter=0.0)),
+                         max_rotation=0.0, max_scale=0.0, stroke_jitter=0.0,
+                         steps_per_dispatch=2)),
     # Accuracy first: a third conv block (conv 32/64/128, max pooling) and 15 epochs of the
     # default recipe's augmentation.
     "best": (ModelConfig(conv_features=(32, 64, 128), dense_features=(256,), pool="max"),
