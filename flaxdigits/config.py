@@ -20,6 +20,7 @@ class ModelConfig:
   dense_features: tuple[int, ...] = (256,)
   num_classes: int = 10
   pool: str = "avg"
+  dropout: float = 0.0  # rate on the dense layers' inputs, in training only
 
   def __post_init__(self):
     object.__setattr__(self, "conv_features", tuple(self.conv_features))
@@ -31,6 +32,7 @@ class ModelConfig:
     _check(self.kernel_size in (3, 5, 7), f"kernel_size must be 3, 5 or 7, got {self.kernel_size}")
     _check(self.num_classes >= 2, f"num_classes must be >= 2, got {self.num_classes}")
     _check(self.pool in ("avg", "max"), f"pool must be 'avg' or 'max', got {self.pool!r}")
+    _check(0 <= self.dropout < 1, f"dropout must be a rate in [0, 1), got {self.dropout}")
 
   def to_dict(self) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

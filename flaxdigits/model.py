@@ -25,7 +25,9 @@ def pool2x2(x_BxHxWxC: jax.Array, kind: str = "avg") -> jax.Array:
 class CNN(nnx.Module):
   """Conv blocks (conv 'SAME' -> ReLU -> 2x2 pool) then ReLU dense layers and a linear head.
 
-  With the default config this is the Flax MNIST example's network.
+  With the default config this is the Flax MNIST example's network. With config.dropout, each
+  dense layer's input (the head's included) is dropped out when a dropout_key is given: in
+  training. Without one the model is deterministic, as evaluation, prediction and exports call it.
   """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -40,17 +42,22 @@ class CNN(nnx.Module):
     widths = (side * side * config.conv_features[-1],) + config.dense_features
     self.denses = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])])
     self.head = nnx.Linear(widths[-1], config.num_classes, rngs=rngs)
+    self.dropout = nnx.Dropout(config.dropout)
     self._pool = functools.partial(pool2x2, kind=config.pool)
 
-  def __call__(self, images_BxHxWx1: jax.Array) -> jax.Array:
+  def __call__(self, images_BxHxWx1: jax.Array, *,
+               dropout_key: jax.Array | None = None) -> jax.Array:
     """float32 images in [0, 1] -> logits_BxK."""
     x = images_BxHxWx1
     for conv in self.convs:
       x = self._pool(nnx.relu(conv(x)))
     x = x.reshape(x.shape[0], -1)
-    for dense in self.denses:
-      x = nnx.relu(dense(x))
-    return self.head(x)
+    layers = [*self.denses, self.head]
+    keys = ([None] * len(layers) if dropout_key is None or not self.config.dropout
+            else list(jax.random.split(dropout_key, len(layers))))
+    for dense, key in zip(self.denses, keys):
+      x = nnx.relu(dense(self.dropout(x, deterministic=key is None, rngs=key)))
+    return self.head(self.dropout(x, deterministic=keys[-1] is None, rngs=keys[-1]))
 
 
 def abstract_model(config: ModelConfig) -> CNN:

@@ -167,8 +167,10 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config:
     stroke_key = jax.random.fold_in(jax.random.fold_in(state.key, 2), state.step)
     images = random_stroke(stroke_key, images, config.stroke_jitter)
 
+  dropout_key = jax.random.fold_in(jax.random.fold_in(state.key, 3), state.step)
+
   def loss_fn(params):
-    logits_BxK = nnx.merge(graphdef, params)(images)
+    logits_BxK = nnx.merge(graphdef, params)(images, dropout_key=dropout_key)
     return cross_entropy(logits_BxK, labels_B, config.label_smoothing).mean(), logits_BxK
 
   (loss, logits_BxK), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

@@ -44,6 +44,35 @@ def test_compiled_initialisation_gives_the_eager_parameters(config):
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=0)
 
 
+def test_dropout_only_with_a_key_and_only_on_the_dense_inputs():
+  config = ModelConfig(conv_features=(8,), dense_features=(16,), dropout=0.5)
+  model = build_model(config, seed=0)
+  x = jax.random.uniform(jax.random.key(0), (64, 28, 28, 1))
+  plain = model(x)
+  np.testing.assert_array_equal(model(x), plain)  # no key: deterministic, as inference runs
+  a, b = (model(x, dropout_key=jax.random.key(k)) for k in (1, 2))
+  assert not np.allclose(a, plain) and not np.allclose(a, b)
+  np.testing.assert_array_equal(model(x, dropout_key=jax.random.key(1)), a)
+  # Same parameters without dropout in the config: the key changes nothing.
+  undropped = nnx.merge(nnx.graphdef(build_model(ModelConfig(conv_features=(8,),
+                                                             dense_features=(16,)))),
+                        nnx.state(model))
+  np.testing.assert_array_equal(undropped(x, dropout_key=jax.random.key(1)), plain)
+  # Inverted dropout keeps the expected input: with the linear head alone after it, the logits
+  # averaged over many masks approach the plain ones.
+  linear = build_model(ModelConfig(conv_features=(8,), dense_features=(), dropout=0.5), seed=0)
+  keys = jax.random.split(jax.random.key(3), 4000)
+  many = jax.vmap(lambda k: linear(x[:4], dropout_key=k))(keys)
+  plain = linear(x[:4])
+  np.testing.assert_allclose(many.mean(0), plain, atol=0.05 * float(jnp.abs(plain).max()))
+
+
+def test_dropout_adds_no_state():
+  plain = nnx.state(build_model(ModelConfig(), seed=0))
+  dropped = nnx.state(build_model(ModelConfig(dropout=0.3), seed=0))
+  assert jax.tree.structure(plain) == jax.tree.structure(dropped)
+
+
 def test_build_model_inside_a_trace_gives_the_same_parameters():
   config = ModelConfig(conv_features=(8,), dense_features=(16,))
   top = nnx.state(build_model(config, seed=2), nnx.Param)
@@ -60,6 +89,7 @@ def test_build_model_inside_a_trace_gives_the_same_parameters():
     (dict(dense_features=(0,)), "positive"),
     (dict(kernel_size=4), "kernel_size must be 3, 5 or 7, got 4"),
     (dict(pool="median"), "pool"),
+    (dict(dropout=1.0), "dropout must be a rate in \\[0, 1\\), got 1.0"),
 ])
 def test_bad_model_config_names_the_value(kwargs, message):
   with pytest.raises(ValueError, match=message):

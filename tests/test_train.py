@@ -17,8 +17,9 @@ def tiny_train(data, mesh=None, **kwargs):
   resume = kwargs.pop("resume", False)
   stop_at_step = kwargs.pop("stop_at_step", None)
   callback = kwargs.pop("callback", None)
+  model = kwargs.pop("model", TINY)
   config = TrainConfig(**(options | kwargs))
-  return train_lib.train(data, TINY, config, mesh=mesh, checkpoint_dir=checkpoint_dir,
+  return train_lib.train(data, model, config, mesh=mesh, checkpoint_dir=checkpoint_dir,
                          resume=resume, stop_at_step=stop_at_step, callback=callback)
 
 
@@ -48,6 +49,14 @@ def test_same_seed_gives_bit_identical_parameters(small):
   assert_trees_equal(a.state.params, b.state.params)
   c = tiny_train(small, seed=1)
   assert not np.array_equal(leaves(a.state.params)[0], leaves(c.state.params)[0])
+
+
+def test_dropout_is_seeded_and_changes_training(small):
+  dropped = ModelConfig(conv_features=(8,), dense_features=(32,), dropout=0.3)
+  a, b = (tiny_train(small, epochs=1, model=dropped) for _ in range(2))
+  assert_trees_equal(a.state.params, b.state.params)
+  plain = tiny_train(small, epochs=1)
+  assert not np.array_equal(leaves(a.state.params)[-1], leaves(plain.state.params)[-1])
 
 
 def test_sharded_matches_single_device(small):
