@@ -13,6 +13,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from flaxdigits import parallel
+from flaxdigits.augment import rotate, shift_image
 from flaxdigits.data import NUM_CLASSES, Split, normalize
 from flaxdigits.model import probabilities
 
@@ -69,20 +70,22 @@ class EvalResult:
             "most_confused": self.most_confused()}
 
 
-# Test-time augmentation: the image itself and its one-pixel shifts up, down, left and right.
-TTA_SHIFTS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
+# Test-time augmentation: the image itself, its eight one-pixel shifts and two small rotations,
+# within what training randomises (shifts up to 2 px, rotations up to 0.15 rad). On the 15-epoch
+# best-preset checkpoint these views scored 99.71%; the four straight shifts alone, 99.66%.
+TTA_SHIFTS = tuple((dy, dx) for dy in (0, -1, 1) for dx in (0, -1, 1))
+TTA_ROTATIONS = (-0.1, 0.1)  # radians
 
 
-def shift_image(images_BxHxWxC: jax.Array, dy: int, dx: int) -> jax.Array:
-  """Moves every image dy pixels down and dx right, filling with zeros (background)."""
-  _, h, w, _ = images_BxHxWxC.shape
-  padded = jnp.pad(images_BxHxWxC, ((0, 0), (1, 1), (1, 1), (0, 0)))
-  return padded[:, 1 - dy:1 - dy + h, 1 - dx:1 - dx + w, :]
+def tta_views(images_BxHxWxC: jax.Array) -> list[jax.Array]:
+  """The TTA_SHIFTS and TTA_ROTATIONS views of a batch (the first is the batch itself)."""
+  return ([shift_image(images_BxHxWxC, dy, dx) for dy, dx in TTA_SHIFTS]
+          + [rotate(images_BxHxWxC, angle) for angle in TTA_ROTATIONS])
 
 
 def tta_log_probs(model: nnx.Module, images_BxHxWxC: jax.Array) -> jax.Array:
-  """Log of the class probabilities averaged over the TTA_SHIFTS views (usable as logits)."""
-  probs = [probabilities(model, shift_image(images_BxHxWxC, dy, dx)) for dy, dx in TTA_SHIFTS]
+  """Log of the class probabilities averaged over the tta_views (usable as logits)."""
+  probs = [probabilities(model, view) for view in tta_views(images_BxHxWxC)]
   return jnp.log(jnp.mean(jnp.stack(probs), axis=0))
 
 
@@ -108,8 +111,8 @@ def evaluate(model: nnx.Module, split: Split, *, batch_size: int = 1000,
              mesh: Mesh | None = None, tta: bool = False) -> EvalResult:
   """Scores every example of `split` exactly once with jitted inference (no gradients).
 
-  With tta, each image is classified by the probabilities averaged over itself and its
-  one-pixel shifts (TTA_SHIFTS): five forward passes per image.
+  With tta, each image is classified by the probabilities averaged over its tta_views (itself,
+  its eight one-pixel shifts and two small rotations): eleven forward passes per image.
   """
   mesh = mesh or parallel.make_mesh()
   n_dev = mesh.devices.size

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from flaxdigits import parallel
+from flaxdigits.augment import affine_warp
 from flaxdigits.config import ModelConfig, TrainConfig
 from flaxdigits.data import Split, normalize
 from flaxdigits.evaluate import EvalResult, cross_entropy, evaluate
@@ -109,22 +110,12 @@ def random_affine(key: jax.Array, images_BxHxWxC: jax.Array, max_shift: float,
                   max_rotation: float, max_scale: float) -> jax.Array:
   """Rotates (up to max_rotation radians), scales (by 1 +- max_scale) and shifts (up to
   max_shift pixels) each image about its centre, independently, with bilinear sampling."""
-  b, h, w, _ = images_BxHxWxC.shape
+  b = images_BxHxWxC.shape[0]
   k_angle, k_scale, k_shift = jax.random.split(key, 3)
   angle_B = jax.random.uniform(k_angle, (b,), minval=-max_rotation, maxval=max_rotation)
   scale_B = jax.random.uniform(k_scale, (b,), minval=1 - max_scale, maxval=1 + max_scale)
   shift_Bx2 = jax.random.uniform(k_shift, (b, 2), minval=-max_shift, maxval=max_shift)
-  centre = (h - 1) / 2
-  yy_HxW, xx_HxW = jnp.mgrid[0:h, 0:w].astype(jnp.float32) - centre
-
-  def warp(image_HxWxC, angle, scale, shift_2):
-    cos, sin = jnp.cos(angle) / scale, jnp.sin(angle) / scale
-    source_y = cos * yy_HxW - sin * xx_HxW + centre - shift_2[0]
-    source_x = sin * yy_HxW + cos * xx_HxW + centre - shift_2[1]
-    return jax.scipy.ndimage.map_coordinates(image_HxWxC[..., 0], [source_y, source_x], order=1,
-                                             mode="constant")[..., None]
-
-  return jax.vmap(warp)(images_BxHxWxC, angle_B, scale_B, shift_Bx2)
+  return affine_warp(images_BxHxWxC, angle_B, scale_B, shift_Bx2)
 
 
 def random_stroke(key: jax.Array, images_BxHxWxC: jax.Array, probability: float) -> jax.Array:

@@ -4,7 +4,8 @@ import pytest
 
 from flaxdigits.config import ModelConfig
 from flaxdigits.data import Split, normalize
-from flaxdigits.evaluate import TTA_SHIFTS, EvalResult, cross_entropy, evaluate, shift_image
+from flaxdigits.augment import rotate, shift_image
+from flaxdigits.evaluate import TTA_SHIFTS, EvalResult, cross_entropy, evaluate, tta_views
 from flaxdigits.model import build_model
 from flaxdigits.parallel import make_mesh
 
@@ -87,13 +88,32 @@ def test_shift_image_moves_pixels_and_fills_with_background():
   assert np.asarray(shift_image(edge, -1, 0)).sum() == 0.0  # shifted out, not wrapped
 
 
+def test_rotate_turns_about_the_centre():
+  image = np.zeros((1, 28, 28, 1), np.float32)
+  image[0, 5, 13, 0] = 1.0
+  np.testing.assert_allclose(rotate(image, 0.0), image, atol=1e-6)
+  quarter = np.asarray(rotate(image, np.pi / 2))  # output (y, x) samples input (27 - x, y)
+  assert quarter[0, 13, 22, 0] == pytest.approx(1.0, abs=1e-5)
+  assert quarter.sum() == pytest.approx(1.0, abs=1e-5)
+  back = np.asarray(rotate(rotate(image, 0.1), -0.1))
+  assert np.unravel_index(back.argmax(), back.shape) == (0, 5, 13, 0)
+
+
+def test_tta_views_are_the_batch_its_shifts_and_rotations():
+  images = jax.random.uniform(jax.random.key(0), (3, 28, 28, 1))
+  views = tta_views(images)
+  assert len(views) == 11 and len(set(TTA_SHIFTS)) == 9
+  np.testing.assert_array_equal(views[0], images)
+  np.testing.assert_array_equal(views[4], shift_image(images, -1, -1))
+  np.testing.assert_array_equal(views[-1], rotate(images, 0.1))
+
+
 def test_tta_averages_probabilities_over_the_shifted_views(small):
   test = small["test"]
   model = build_model(ModelConfig(), seed=4)
   result = evaluate(model, test, batch_size=64, tta=True, mesh=make_mesh(jax.devices()[:1]))
   images = normalize(test.images)
-  probs = np.mean([jax.nn.softmax(model(shift_image(images, dy, dx)), -1)
-                   for dy, dx in TTA_SHIFTS], axis=0)
+  probs = np.mean([jax.nn.softmax(model(view), -1) for view in tta_views(images)], axis=0)
   np.testing.assert_array_equal(result.predicted, probs.argmax(-1))
   np.testing.assert_allclose(result.confidence, probs.max(-1), rtol=1e-5)
   labels = test.labels.astype(int)
