@@ -55,9 +55,14 @@ class CNN(nnx.Module):
     layers = [*self.denses, self.head]
     keys = ([None] * len(layers) if dropout_key is None or not self.config.dropout
             else list(jax.random.split(dropout_key, len(layers))))
+    # Dropout is skipped, not called deterministically, without a key: exporters such as
+    # jax2onnx patch nnx.Dropout's call with a signature of their own.
+    def drop(x, key):
+      return x if key is None else self.dropout(x, rngs=key)
+
     for dense, key in zip(self.denses, keys):
-      x = nnx.relu(dense(self.dropout(x, deterministic=key is None, rngs=key)))
-    return self.head(self.dropout(x, deterministic=keys[-1] is None, rngs=keys[-1]))
+      x = nnx.relu(dense(drop(x, key)))
+    return self.head(drop(x, keys[-1]))
 
 
 def abstract_model(config: ModelConfig) -> CNN:
