@@ -48,13 +48,14 @@ class CheckpointManager:
     state = jax.device_get(state)
     meta = {"format": FORMAT_VERSION, "step": step, "model": model_config.to_dict(),
             "train": train_config.to_dict(), "history": history}
+    variables = nnx.merge_state(*state.variables())  # all a model needs: params, batch stats
     self._manager.save(step, args=ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
+        params=ocp.args.StandardSave(variables),
         trainer=ocp.args.StandardSave({"step": state.step, "opt_state": state.opt_state,
                                        "key": state.key}),
         meta=ocp.args.JsonSave(meta)))
     graphdef = nnx.graphdef(abstract_model(model_config))
-    bundle.write(self.directory, nnx.merge(graphdef, state.params), step, meta["model"])
+    bundle.write(self.directory, nnx.merge(graphdef, variables), step, meta["model"])
 
   def _require_step(self, step: int | None) -> int:
     step = self.latest_step() if step is None else step
@@ -81,11 +82,12 @@ class CheckpointManager:
     check_compatible(meta, model_config, train_config)
     abstract = _abstract(state)
     restored = self._restore(
-        meta["step"], params=ocp.args.StandardRestore(abstract.params),
+        meta["step"], params=ocp.args.StandardRestore(nnx.merge_state(*abstract.variables())),
         trainer=ocp.args.StandardRestore({"step": abstract.step, "opt_state": abstract.opt_state,
                                           "key": abstract.key}))
     trainer = restored.trainer
-    return type(state)(trainer["step"], restored.params, trainer["opt_state"],
+    params, batch_stats = nnx.split_state(restored.params, nnx.Param, nnx.BatchStat)
+    return type(state)(trainer["step"], params, batch_stats, trainer["opt_state"],
                        trainer["key"]), meta
 
   def _restore(self, step: int, **items):
@@ -135,8 +137,8 @@ def load_model(checkpoint_dir: str | os.PathLike,
   try:
     meta = manager.read_meta(step)
     config = ModelConfig.from_dict(meta["model"])
-    graphdef, params = nnx.split(abstract_model(config), nnx.Param)
-    params = manager.restore_params(_abstract(params), meta["step"])
+    graphdef, variables = nnx.split(abstract_model(config))
+    variables = manager.restore_params(_abstract(variables), meta["step"])
   finally:
     manager.close()
-  return nnx.merge(graphdef, params), meta
+  return nnx.merge(graphdef, variables), meta

@@ -21,6 +21,7 @@ class ModelConfig:
   num_classes: int = 10
   pool: str = "avg"
   dropout: float = 0.0  # rate on the dense layers' inputs, in training only
+  norm: str = "none"  # "batch": batch normalisation after every conv
 
   def __post_init__(self):
     object.__setattr__(self, "conv_features", tuple(self.conv_features))
@@ -33,6 +34,7 @@ class ModelConfig:
     _check(self.num_classes >= 2, f"num_classes must be >= 2, got {self.num_classes}")
     _check(self.pool in ("avg", "max"), f"pool must be 'avg' or 'max', got {self.pool!r}")
     _check(0 <= self.dropout < 1, f"dropout must be a rate in [0, 1), got {self.dropout}")
+    _check(self.norm in ("none", "batch"), f"norm must be 'none' or 'batch', got {self.norm!r}")
 
   def to_dict(self) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -25,17 +25,23 @@ def pool2x2(x_BxHxWxC: jax.Array, kind: str = "avg") -> jax.Array:
 class CNN(nnx.Module):
   """Conv blocks (conv 'SAME' -> ReLU -> 2x2 pool) then ReLU dense layers and a linear head.
 
-  With the default config this is the Flax MNIST example's network. With config.dropout, each
-  dense layer's input (the head's included) is dropped out when a dropout_key is given: in
-  training. Without one the model is deterministic, as evaluation, prediction and exports call it.
+  With the default config this is the Flax MNIST example's network. With config.norm "batch",
+  every conv (then without bias) is followed by batch normalisation: batch statistics when
+  called with train=True, which also updates the running averages (nnx.BatchStat state), and
+  the running averages otherwise. With config.dropout, each dense layer's input (the head's
+  included) is dropped out when a dropout_key is given: in training. Called plainly, the model is
+  deterministic and stateless, as evaluation, prediction and exports call it.
   """
 
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
     k = (config.kernel_size, config.kernel_size)
     channels = (1,) + config.conv_features
-    self.convs = nnx.List([nnx.Conv(c_in, c_out, kernel_size=k, rngs=rngs)
+    batch_norm = config.norm == "batch"
+    self.convs = nnx.List([nnx.Conv(c_in, c_out, kernel_size=k, use_bias=not batch_norm, rngs=rngs)
                            for c_in, c_out in zip(channels[:-1], channels[1:])])
+    self.norms = nnx.List([nnx.BatchNorm(c, use_running_average=True, momentum=0.9, rngs=rngs)
+                           for c in config.conv_features] if batch_norm else [])
     side = 28
     for _ in config.conv_features:
       side //= 2
@@ -45,12 +51,15 @@ class CNN(nnx.Module):
     self.dropout = nnx.Dropout(config.dropout)
     self._pool = functools.partial(pool2x2, kind=config.pool)
 
-  def __call__(self, images_BxHxWx1: jax.Array, *,
-               dropout_key: jax.Array | None = None) -> jax.Array:
+  def __call__(self, images_BxHxWx1: jax.Array, *, dropout_key: jax.Array | None = None,
+               train: bool = False) -> jax.Array:
     """float32 images in [0, 1] -> logits_BxK."""
     x = images_BxHxWx1
-    for conv in self.convs:
-      x = self._pool(nnx.relu(conv(x)))
+    for i, conv in enumerate(self.convs):
+      x = conv(x)
+      if self.norms:
+        x = self.norms[i](x, use_running_average=not train)
+      x = self._pool(nnx.relu(x))
     x = x.reshape(x.shape[0], -1)
     layers = [*self.denses, self.head]
     keys = ([None] * len(layers) if dropout_key is None or not self.config.dropout

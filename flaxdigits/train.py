@@ -34,9 +34,14 @@ class TrainState:
   """Everything training needs to continue: checkpointed whole."""
 
   step: jax.Array
-  params: PyTree
+  params: PyTree  # the nnx.Param state: what the optimiser trains
+  batch_stats: PyTree  # the nnx.BatchStat state (running averages); empty without batch norm
   opt_state: PyTree
   key: jax.Array  # raw uint32 PRNG key; per-epoch and per-step keys are folded in from it
+
+  def variables(self) -> tuple[PyTree, PyTree]:
+    """The model's whole state, for nnx.merge(graphdef, *state.variables())."""
+    return self.params, self.batch_stats
 
 
 # ----------------------------------------------------------------------------- events
@@ -161,16 +166,19 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config:
   dropout_key = jax.random.fold_in(jax.random.fold_in(state.key, 3), state.step)
 
   def loss_fn(params):
-    logits_BxK = nnx.merge(graphdef, params)(images, dropout_key=dropout_key)
-    return cross_entropy(logits_BxK, labels_B, config.label_smoothing).mean(), logits_BxK
+    model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
+    logits_BxK = model(images, dropout_key=dropout_key, train=True)
+    loss = cross_entropy(logits_BxK, labels_B, config.label_smoothing).mean()
+    return loss, (logits_BxK, nnx.state(model, nnx.BatchStat))
 
-  (loss, logits_BxK), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, (logits_BxK, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   metrics = {"loss_sum": loss * labels_B.shape[0],
              "correct": jnp.sum(jnp.argmax(logits_BxK, -1) == labels_B),
              "count": jnp.asarray(labels_B.shape[0])}
-  return TrainState(state.step + 1, params, opt_state, state.key), metrics
+  return TrainState(state.step + 1, params, batch_stats, opt_state, state.key), metrics
 
 
 def _train_chunk(step_fn: Callable, num_steps: int, state: TrainState, images_NxHxW: jax.Array,
@@ -228,6 +236,7 @@ def init_state(model: CNN, tx: optax.GradientTransformation, seed: int) -> Train
   params = nnx.state(model, nnx.Param)
   # One program for all the optimiser's zeros: eagerly each shape compiles its own.
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    batch_stats=nnx.state(model, nnx.BatchStat),
                     opt_state=jax.jit(tx.init)(params), key=jax.random.PRNGKey(seed))
 
 
@@ -262,7 +271,7 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
   k = steps_per_dispatch(steps_per_epoch, train_config.steps_per_dispatch)
 
   model = build_model(model_config, seed=train_config.seed)
-  graphdef, _ = nnx.split(model, nnx.Param)
+  graphdef, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
   tx = make_optimizer(train_config, steps_per_epoch)
   state = init_state(model, tx, train_config.seed)
   history: list[dict[str, float]] = []
@@ -328,7 +337,7 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
                 "train_accuracy": sums["correct"] / max(sums["count"], 1),
                 "train_seconds": train_seconds}
       if evaluate_each_epoch and test_split is not None:
-        test_result = evaluate(nnx.merge(graphdef, state.params), test_split,
+        test_result = evaluate(nnx.merge(graphdef, *state.variables()), test_split,
                                batch_size=train_config.eval_batch_size, mesh=mesh)
         record |= {"test_loss": test_result.loss, "test_accuracy": test_result.accuracy}
       record["seconds"] = time.perf_counter() - t_epoch
@@ -347,7 +356,7 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
   save(state, wait=True)
   if manager is not None:
     manager.close()
-  return TrainResult(nnx.merge(graphdef, jax.device_get(state.params)), state, history,
+  return TrainResult(nnx.merge(graphdef, *jax.device_get(state.variables())), state, history,
                      test_result)
 
 

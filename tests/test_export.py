@@ -46,6 +46,24 @@ def test_export_matches_jax_on_all_test_images(reference, fmt, tmp_path):
   assert sidecar["source"]["step"] == meta["step"] and sidecar["file"] == f"digits.{fmt}"
 
 
+@pytest.mark.parametrize("fmt", export.FORMATS)
+def test_batch_norm_exports_with_its_running_averages(fmt, mnist, tmp_path):
+  from flaxdigits.config import ModelConfig
+  from flaxdigits.model import build_model
+  # Dropout too: inactive in inference, it must not reach the exporter at all.
+  config = ModelConfig(conv_features=(8, 16), dense_features=(32,), norm="batch", dropout=0.3)
+  model = build_model(config, seed=0)
+  images = normalize(mnist["test"].images[:64])
+  for _ in range(5):  # running averages well away from their initial 0 / 1
+    model(images, train=True)
+  expected = np.asarray(jax.jit(export.probabilities_fn(model))(images))
+  untrained = build_model(config, seed=0)
+  assert np.abs(np.asarray(export.probabilities_fn(untrained)(images)) - expected).max() > 1e-2
+  result = export.export(model, {"model": config.to_dict(), "step": 5}, fmt,
+                         tmp_path / f"bn.{fmt}")
+  np.testing.assert_allclose(export.run(result.path, images), expected, atol=1e-4)
+
+
 def test_refuses_to_overwrite_and_unknown_formats(reference, tmp_path):
   model, meta, _, _ = reference
   (tmp_path / "digits.onnx").write_bytes(b"someone's file")

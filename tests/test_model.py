@@ -67,6 +67,29 @@ def test_dropout_only_with_a_key_and_only_on_the_dense_inputs():
   np.testing.assert_allclose(many.mean(0), plain, atol=0.05 * float(jnp.abs(plain).max()))
 
 
+def test_batch_norm_trains_on_batch_statistics_and_infers_on_running_averages():
+  config = ModelConfig(conv_features=(8,), dense_features=(16,), norm="batch")
+  model = build_model(config, seed=0)
+  # The conv loses its bias to batch norm's shift; scale and shift are parameters.
+  assert count_params(model) == 9 * 8 + 2 * 8 + (14 * 14 * 8 * 16 + 16) + (16 * 10 + 10)
+  x = jax.random.uniform(jax.random.key(0), (32, 28, 28, 1))
+  before = model(x)
+  np.testing.assert_array_equal(model(x), before)  # inference leaves the statistics alone
+  np.testing.assert_array_equal(model.norms[0].mean[...], np.zeros(8))
+  training = model(x, train=True)
+  conv_out = model.convs[0](x)
+  # One update with momentum 0.9 from mean 0 / var 1.
+  np.testing.assert_allclose(model.norms[0].mean[...], 0.1 * conv_out.mean((0, 1, 2)),
+                             rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(model.norms[0].var[...], 0.9 + 0.1 * conv_out.var((0, 1, 2)),
+                             rtol=1e-4)
+  assert not np.allclose(training, before) and not np.allclose(model(x), before)
+  # In training each channel is normalised by the batch's own statistics.
+  normalised = model.norms[0](conv_out, use_running_average=False)
+  np.testing.assert_allclose(normalised.mean((0, 1, 2)), 0, atol=1e-5)
+  np.testing.assert_allclose(normalised.var((0, 1, 2)), 1, rtol=1e-3)
+
+
 def test_dropout_adds_no_state():
   plain = nnx.state(build_model(ModelConfig(), seed=0))
   dropped = nnx.state(build_model(ModelConfig(dropout=0.3), seed=0))
@@ -90,6 +113,7 @@ def test_build_model_inside_a_trace_gives_the_same_parameters():
     (dict(kernel_size=4), "kernel_size must be 3, 5 or 7, got 4"),
     (dict(pool="median"), "pool"),
     (dict(dropout=1.0), "dropout must be a rate in \\[0, 1\\), got 1.0"),
+    (dict(norm="layer"), "norm must be 'none' or 'batch', got 'layer'"),
 ])
 def test_bad_model_config_names_the_value(kwargs, message):
   with pytest.raises(ValueError, match=message):

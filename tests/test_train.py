@@ -97,6 +97,31 @@ def test_resume_continues_to_the_identical_parameters(small, tmp_path, stop_at_s
   assert [h["epoch"] for h in resumed.history] == [1, 2]
 
 
+BATCH_NORM = ModelConfig(conv_features=(8,), dense_features=(32,), norm="batch")
+
+
+def test_batch_norm_resumes_to_the_identical_state(small, tmp_path):
+  straight = tiny_train(small, model=BATCH_NORM)
+  tiny_train(small, model=BATCH_NORM, checkpoint_dir=tmp_path, stop_at_step=10)
+  resumed = tiny_train(small, model=BATCH_NORM, checkpoint_dir=tmp_path, resume=True)
+  assert_trees_equal(straight.state.variables(), resumed.state.variables())
+  assert_trees_equal(straight.state.opt_state, resumed.state.opt_state)
+  # The running averages moved from their initial 0 / 1 and are what the checkpoint holds.
+  assert np.abs(leaves(straight.state.batch_stats)[0]).max() > 1e-3
+  restored, _ = load_model(tmp_path)
+  images = jax.numpy.asarray(small["test"].images[:50, :, :, None] / 255.0, np.float32)
+  np.testing.assert_array_equal(restored(images), resumed.model(images))
+
+
+def test_batch_norm_statistics_span_the_global_batch_across_devices(small):
+  one = tiny_train(small, model=BATCH_NORM, epochs=1, mesh=make_mesh(jax.devices()[:1]))
+  four = tiny_train(small, model=BATCH_NORM, epochs=1, mesh=make_mesh(jax.devices()))
+  # jit computes batch statistics over the global batch, whatever the sharding: one device
+  # and four end with the same parameters and running averages, up to summation order.
+  for x, y in zip(leaves(one.state.variables()), leaves(four.state.variables()), strict=True):
+    np.testing.assert_allclose(x, y, atol=2e-5, rtol=1e-4)
+
+
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(small, tmp_path):
   def interrupt(event):
     if isinstance(event, train_lib.Progress) and event.step >= 10:
