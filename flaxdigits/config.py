@@ -103,9 +103,11 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
              TrainConfig(epochs=2, batch_size=256, learning_rate=1e-2, max_shift=1,
                          max_rotation=0.0, max_scale=0.0, stroke_jitter=0.0,
                          steps_per_dispatch=2)),
-    # Accuracy first: a third conv block (conv 32/64/128, max pooling) and 15 epochs of the
-    # default recipe's augmentation.
-    "best": (ModelConfig(conv_features=(32, 64, 128), dense_features=(256,), pool="max"),
+    # Accuracy first: a third conv block (conv 32/64/128, max pooling), batch normalisation
+    # after every conv, and 15 epochs of the default recipe's augmentation. Batch norm measured
+    # 99.65% plain / 99.72% with TTA against 99.61% / 99.65% without (seed 0).
+    "best": (ModelConfig(conv_features=(32, 64, 128), dense_features=(256,), pool="max",
+                         norm="batch"),
              TrainConfig(epochs=15)),
 }
 
