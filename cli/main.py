@@ -195,7 +195,7 @@ def eval_(
         show_default=False)] = None,
     tta: Annotated[bool, typer.Option(
         help="Test-time augmentation: average each image's probabilities over itself, its "
-        "eight one-pixel shifts and its rotations by +-0.1 rad (11x the work).")] = False,
+        "four one-pixel shifts and its rotations by +-0.1 rad (7x the work).")] = False,
     json_out: Json = False,
     cpu_devices: CpuDevices = 0,
 ):

@@ -70,10 +70,12 @@ class EvalResult:
             "most_confused": self.most_confused()}
 
 
-# Test-time augmentation: the image itself, its eight one-pixel shifts and two small rotations,
-# within what training randomises (shifts up to 2 px, rotations up to 0.15 rad). On the 15-epoch
-# best-preset checkpoint these views scored 99.71%; the four straight shifts alone, 99.66%.
-TTA_SHIFTS = tuple((dy, dx) for dy in (0, -1, 1) for dx in (0, -1, 1))
+# Test-time augmentation: the image itself, its one-pixel shifts up, down, left and right, and
+# its rotations by +-0.1 rad, within what training randomises (shifts up to 2 px, rotations up
+# to 0.15 rad). Over four best-preset-like checkpoints these seven views averaged 99.69%, the
+# four shifts alone 99.67%, eleven views (all eight shifts) 99.68%, nine (+-0.2 rad as well)
+# 99.70%: within a few images of each other, so the cheap set. The README has the table.
+TTA_SHIFTS = ((0, 0), (-1, 0), (1, 0), (0, -1), (0, 1))
 TTA_ROTATIONS = (-0.1, 0.1)  # radians
 
 
@@ -112,7 +114,7 @@ def evaluate(model: nnx.Module, split: Split, *, batch_size: int = 1000,
   """Scores every example of `split` exactly once with jitted inference (no gradients).
 
   With tta, each image is classified by the probabilities averaged over its tta_views (itself,
-  its eight one-pixel shifts and two small rotations): eleven forward passes per image.
+  its four one-pixel shifts and two small rotations): seven forward passes per image.
   """
   mesh = mesh or parallel.make_mesh()
   n_dev = mesh.devices.size

@@ -102,9 +102,9 @@ def test_rotate_turns_about_the_centre():
 def test_tta_views_are_the_batch_its_shifts_and_rotations():
   images = jax.random.uniform(jax.random.key(0), (3, 28, 28, 1))
   views = tta_views(images)
-  assert len(views) == 11 and len(set(TTA_SHIFTS)) == 9
+  assert len(views) == 7 and len(set(TTA_SHIFTS)) == 5
   np.testing.assert_array_equal(views[0], images)
-  np.testing.assert_array_equal(views[4], shift_image(images, -1, -1))
+  np.testing.assert_array_equal(views[1], shift_image(images, -1, 0))
   np.testing.assert_array_equal(views[-1], rotate(images, 0.1))
 
 
