@@ -79,6 +79,11 @@ class Preset(str, enum.Enum):
   best = "best"
 
 
+class Norm(str, enum.Enum):
+  none = "none"
+  batch = "batch"
+
+
 @app.command()
 def train(
     epochs: Annotated[Optional[int], typer.Option(
@@ -96,6 +101,12 @@ def train(
         show_default=False)] = None,
     seed: Annotated[Optional[int], typer.Option(help="Random seed.  [default: 0]",
                                                 show_default=False)] = None,
+    norm: Annotated[Optional[Norm], typer.Option(
+        help="Batch normalisation after every conv, or none.  [default: none; preset best: "
+        "batch]", show_default=False)] = None,
+    dropout: Annotated[Optional[float], typer.Option(
+        help="Dropout rate on the dense layers' inputs, in training.  [default: 0]",
+        show_default=False)] = None,
     data_dir: DataDir = None,
     checkpoint: Checkpoint = Path("ckpt"),
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint.")] = False,
@@ -113,10 +124,13 @@ def train(
   with _user_errors():
     given = {k: v for k, v in dict(batch_size=batch_size, learning_rate=lr, seed=seed,
                                    epochs=epochs).items() if v is not None}
+    model_given = {k: v for k, v in dict(norm=norm.value if norm else None,
+                                         dropout=dropout).items() if v is not None}
     existing = ckpt_lib.CheckpointManager(checkpoint).latest_step() if checkpoint.is_dir() else None
     if resume:
-      if preset is not None:
-        raise ValueError("--resume keeps the checkpoint's own recipe; drop --preset")
+      if preset is not None or model_given:
+        dropped = ["--preset"] * (preset is not None) + [f"--{k}" for k in model_given]
+        raise ValueError(f"--resume keeps the checkpoint's own recipe; drop {' '.join(dropped)}")
       meta = ckpt_lib.CheckpointManager(checkpoint, read_only=True).read_meta()
       model_config = ModelConfig.from_dict(meta["model"])
       train_config = TrainConfig.from_dict(meta["train"] | given)
@@ -125,6 +139,7 @@ def train(
         raise ValueError(f"{checkpoint} already holds a checkpoint (step {existing}); pass "
                          "--resume to continue it, or choose another --checkpoint directory")
       model_config, recipe = preset_configs((preset or Preset.default).value)
+      model_config = dataclasses.replace(model_config, **model_given)
       train_config = dataclasses.replace(recipe, **given)
     data = _load_data(data_dir, ("train", "test"), console)
     try:

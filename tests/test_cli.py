@@ -67,6 +67,8 @@ def test_train_refuses_to_overwrite_and_resume_extends(trained_ckpt, tiny_data_d
      "MNIST data folder not found"),
     (["train", "--epochs", "0", "--checkpoint", "{tmp}/c"], "epochs must be >= 1, got 0"),
     (["train", "--resume", "--checkpoint", "{tmp}/none"], "not found"),
+    (["train", "--dropout", "1.5", "--checkpoint", "{tmp}/c"],
+     "dropout must be a rate in [0, 1), got 1.5"),
 ])
 def test_errors_are_one_line_on_stderr(args, message, tmp_path):
   result = runner.invoke(app, [a.format(tmp=tmp_path) for a in args])
@@ -148,3 +150,20 @@ def test_preset_sets_the_recipe_and_options_override_it(tiny_data_dir, tmp_path)
   resumed = runner.invoke(app, ["train", "--resume", "--preset", "fast", "--data-dir",
                                 str(tiny_data_dir), "--checkpoint", str(ckpt)])
   assert resumed.exit_code == 1 and "drop --preset" in resumed.stderr
+
+
+def test_norm_and_dropout_options_shape_the_model(tiny_data_dir, tmp_path):
+  from flaxdigits.checkpoint import CheckpointManager, load_model
+  ckpt = tmp_path / "bn"
+  result = runner.invoke(app, ["train", "--epochs", "1", "--batch-size", "64", "--norm", "batch",
+                               "--dropout", "0.2", "--data-dir", str(tiny_data_dir),
+                               "--checkpoint", str(ckpt), "--quiet"])
+  assert result.exit_code == 0, result.output
+  meta = CheckpointManager(ckpt, read_only=True).read_meta()
+  assert meta["model"]["norm"] == "batch" and meta["model"]["dropout"] == 0.2
+  assert meta["model"]["conv_features"] == [32, 64]  # the default preset's, otherwise
+  model, _ = load_model(ckpt)
+  assert len(model.norms) == 2
+  resumed = runner.invoke(app, ["train", "--resume", "--dropout", "0.1", "--data-dir",
+                                str(tiny_data_dir), "--checkpoint", str(ckpt)])
+  assert resumed.exit_code == 1 and "drop --dropout" in resumed.stderr
