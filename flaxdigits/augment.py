@@ -32,8 +32,8 @@ def affine_warp(images_BxHxWxC: jax.Array, angle_B: jax.Array, scale_B: jax.Arra
   return jax.vmap(warp)(images_BxHxWxC, angle_B, scale_B, shift_Bx2)
 
 
-def rotate(images_BxHxWxC: jax.Array, angle: float) -> jax.Array:
-  """Every image rotated by the same angle (radians) about its centre."""
+def rotate(images_BxHxWxC: jax.Array, angle: float, scale: float = 1.0) -> jax.Array:
+  """Every image rotated by the same angle (radians), and scaled by scale, about its centre."""
   b = images_BxHxWxC.shape[0]
   return affine_warp(images_BxHxWxC, jnp.full((b,), angle, jnp.float32),
-                     jnp.ones((b,), jnp.float32), jnp.zeros((b, 2), jnp.float32))
+                     jnp.full((b,), scale, jnp.float32), jnp.zeros((b, 2), jnp.float32))

@@ -61,9 +61,9 @@ class CNN(nnx.Module):
         x = self.norms[i](x, use_running_average=not train)
       x = self._pool(nnx.relu(x))
     x = x.reshape(x.shape[0], -1)
-    layers = [*self.denses, self.head]
-    keys = ([None] * len(layers) if dropout_key is None or not self.config.dropout
-            else list(jax.random.split(dropout_key, len(layers))))
+    n = len(self.denses) + 1  # the head's input is dropped out too
+    dropping = dropout_key is not None and self.config.dropout
+    keys = list(jax.random.split(dropout_key, n)) if dropping else [None] * n
     # Dropout is skipped, not called deterministically, without a key: exporters such as
     # jax2onnx patch nnx.Dropout's call with a signature of their own.
     def drop(x, key):

@@ -25,7 +25,7 @@ def main() -> None:
   import jax.numpy as jnp
   import numpy as np
   from flaxdigits import data as data_lib
-  from flaxdigits.augment import affine_warp, rotate, shift_image
+  from flaxdigits.augment import rotate, shift_image
   from flaxdigits.checkpoint import load_model
   from flaxdigits.data import normalize
   from flaxdigits.evaluate import TTA_ROTATIONS, TTA_SHIFTS
@@ -36,15 +36,11 @@ def main() -> None:
   images, labels = normalize(jnp.asarray(test.images)), np.asarray(test.labels)
   predict = jax.jit(lambda x: probabilities(model, x))
 
-  def zoom(x, scale):
-    b = x.shape[0]
-    return affine_warp(x, jnp.zeros((b,)), jnp.full((b,), scale), jnp.zeros((b, 2)))
-
   transforms = {(0, 0): lambda x: x}
   transforms |= {(dy, dx): (lambda x, dy=dy, dx=dx: shift_image(x, dy, dx))
                  for dy in (-1, 0, 1) for dx in (-1, 0, 1) if (dy, dx) != (0, 0)}
   transforms |= {a: (lambda x, a=a: rotate(x, a)) for a in (-0.2, -0.1, 0.1, 0.2)}
-  transforms |= {f"zoom {s}": (lambda x, s=s: zoom(x, s)) for s in (0.9, 1.1)}
+  transforms |= {f"zoom {s}": (lambda x, s=s: rotate(x, 0.0, s)) for s in (0.9, 1.1)}
   probs = {name: np.concatenate([np.asarray(predict(fn(images[i:i + 1000])))
                                  for i in range(0, len(labels), 1000)])
            for name, fn in transforms.items()}
