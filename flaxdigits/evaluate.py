@@ -92,21 +92,23 @@ def tta_log_probs(model: nnx.Module, images_BxHxWxC: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "batch_size", "sharding", "tta"))
-def _eval_batch(graphdef, params, images_NxHxW, labels_N, mask_N, start, *, batch_size, sharding,
+def _eval_batch(graphdef, params, images_NxHxW, labels_N, start, *, batch_size, sharding,
                 tta=False):
+  """Per-example loss, predicted class and confidence of one batch, sharded like the batch.
+
+  Nothing is summed across the batch here: a sum over a batch sharded on several devices is a
+  cross-device all-reduce, and XLA:CPU's all-reduce can deadlock (aborting the process after
+  40 s) when many such programs are queued without a data dependency between them, as the
+  batches of an evaluation are. Per-example outputs need no communication; the host sums them.
+  """
   images = jax.lax.dynamic_slice_in_dim(images_NxHxW, start, batch_size)
   labels = jax.lax.dynamic_slice_in_dim(labels_N, start, batch_size)
-  mask = jax.lax.dynamic_slice_in_dim(mask_N, start, batch_size)
   images = jax.lax.with_sharding_constraint(normalize(images), sharding)
   model = nnx.merge(graphdef, params)
   logits_BxK = tta_log_probs(model, images) if tta else model(images)
   loss_B = cross_entropy(logits_BxK, labels)
-  predicted_B = jnp.argmax(logits_BxK, -1)
-  # Confusion counts as a one-hot outer product: a mergeable sum, like the others.
-  confusion_KxK = jnp.einsum("bi,bj->ij", jax.nn.one_hot(labels, NUM_CLASSES) * mask[:, None],
-                             jax.nn.one_hot(predicted_B, NUM_CLASSES))
   confidence_B = jnp.max(jax.nn.softmax(logits_BxK, -1), -1)
-  return jnp.sum(loss_B * mask), confusion_KxK, predicted_B, confidence_B
+  return loss_B, jnp.argmax(logits_BxK, -1), confidence_B
 
 
 def evaluate(model: nnx.Module, split: Split, *, batch_size: int = 1000,
@@ -126,20 +128,16 @@ def evaluate(model: nnx.Module, split: Split, *, batch_size: int = 1000,
   pad = padded - n
   images = np.pad(split.images, ((0, pad), (0, 0), (0, 0)))
   labels = np.pad(split.labels.astype(np.int32), (0, pad))
-  mask = np.pad(np.ones(n, np.float32), (0, pad))
-  images, labels, mask = parallel.replicate((images, labels, mask), mesh)
+  images, labels = parallel.replicate((images, labels), mesh)
   graphdef, params = nnx.split(model)
   params = parallel.replicate(params, mesh)
-  loss_sum, confusion, predicted, confidence = 0.0, 0.0, [], []
-  for start in range(0, padded, batch_size):
-    batch_loss, batch_confusion, batch_predicted, batch_confidence = _eval_batch(
-        graphdef, params, images, labels, mask, start, batch_size=batch_size,
-        sharding=parallel.batch_sharded(mesh), tta=tta)
-    loss_sum, confusion = loss_sum + batch_loss, confusion + batch_confusion
-    predicted.append(batch_predicted)
-    confidence.append(batch_confidence)
-  confusion = np.rint(np.asarray(confusion)).astype(np.int64)
-  return EvalResult(accuracy=float(np.trace(confusion) / n), loss=float(loss_sum) / n,
-                    num_examples=int(confusion.sum()), confusion_matrix=confusion,
-                    predicted=np.concatenate(jax.device_get(predicted))[:n].astype(np.int64),
-                    confidence=np.concatenate(jax.device_get(confidence))[:n])
+  outputs = [_eval_batch(graphdef, params, images, labels, start, batch_size=batch_size,
+                         sharding=parallel.batch_sharded(mesh), tta=tta)
+             for start in range(0, padded, batch_size)]
+  loss, predicted, confidence = (np.concatenate(x)[:n] for x in zip(*jax.device_get(outputs)))
+  confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
+  np.add.at(confusion, (split.labels.astype(np.int64), predicted), 1)
+  return EvalResult(accuracy=float(np.trace(confusion) / n),
+                    loss=float(np.sum(loss, dtype=np.float64) / n),
+                    num_examples=n, confusion_matrix=confusion,
+                    predicted=predicted.astype(np.int64), confidence=confidence)
