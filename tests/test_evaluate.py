@@ -12,7 +12,8 @@ from flaxdigits.model import build_model
 from flaxdigits.parallel import batch_sharded, make_mesh, replicate
 
 
-@pytest.mark.parametrize("n, batch_size, n_devices", [(300, 64, 4), (300, 300, 1), (7, 1000, 4), (300, 4, 4)])
+@pytest.mark.parametrize("n, batch_size, n_devices",
+                         [(300, 64, 4), (300, 300, 1), (7, 1000, 4), (300, 4, 4)])
 def test_every_example_scored_exactly_once(small, n, batch_size, n_devices):
   model = build_model(ModelConfig(conv_features=(8,), dense_features=(16,)), seed=3)
   split = Split(small["test"].images[:n], small["test"].labels[:n])
