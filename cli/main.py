@@ -203,7 +203,7 @@ def eda(
 def eval_(
     checkpoint: Checkpoint = Path("ckpt"),
     data_dir: DataDir = None,
-    batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 1000,
+    batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 500,
     report: Annotated[Optional[Path], typer.Option(
         help="Also show per-class metrics and the most confused pairs, and write figures "
         "(confusion heatmap, misclassified images, training curves) into this folder.",

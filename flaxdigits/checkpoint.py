@@ -16,8 +16,9 @@ from flaxdigits.model import CNN, abstract_model
 
 FORMAT_VERSION = 1
 MAX_TO_KEEP = 3
-# Fields that may change when resuming: more epochs extend the run.
-_RESUMABLE_CHANGES = {"epochs"}
+# Fields that may change when resuming: more epochs extend the run; the evaluation batch size
+# changes no parameter.
+_RESUMABLE_CHANGES = {"epochs", "eval_batch_size"}
 
 
 class CheckpointManager:
