@@ -25,7 +25,7 @@ DataDir = Annotated[Optional[Path], typer.Option(
 Checkpoint = Annotated[Path, typer.Option("--checkpoint", "-c", help="Checkpoint directory.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
 CpuDevices = Annotated[int, typer.Option(
-    "--cpu-devices", help="On CPU, split the host into this many data-parallel devices "
+    "--cpu-devices", min=0, help="On CPU, split the host into this many data-parallel devices "
     "(0: one per core).")]
 
 
@@ -203,7 +203,7 @@ def eda(
 def eval_(
     checkpoint: Checkpoint = Path("ckpt"),
     data_dir: DataDir = None,
-    batch_size: Annotated[int, typer.Option(help="Evaluation batch size.")] = 500,
+    batch_size: Annotated[int, typer.Option(min=1, help="Evaluation batch size.")] = 500,
     report: Annotated[Optional[Path], typer.Option(
         help="Also show per-class metrics and the most confused pairs, and write figures "
         "(confusion heatmap, misclassified images, training curves) into this folder.",
@@ -288,7 +288,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the app to your "
                                       "network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted upload.")] = 5.0,
+    max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest accepted upload.")] = 5.0,
 ):
   """Serve the web app where people draw a digit (and an HTTP API: POST /api/predict)."""
   try:

@@ -123,6 +123,8 @@ def evaluate(model: nnx.Module, split: Split, *, batch_size: int = EVAL_BATCH_SI
   With tta, each image is classified by the probabilities averaged over its tta_views (itself,
   its four one-pixel shifts and two small rotations): seven forward passes per image.
   """
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   mesh = mesh or parallel.make_mesh()
   n_dev = mesh.devices.size
   batch_size = -(-min(batch_size, max(len(split), 1)) // n_dev) * n_dev

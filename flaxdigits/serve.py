@@ -125,6 +125,9 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
                timeout_s: float = REQUEST_TIMEOUT_S, info: dict[str, Any] | None = None,
                ) -> ASGIApp:
   """The web app over `predictor`, compiled for one image before it answers anything."""
+  if max_upload_bytes < 1 or timeout_s <= 0:
+    raise ValueError(f"the upload limit and the timeout must be positive, got "
+                     f"{max_upload_bytes} bytes and {timeout_s} s")
   predictor.warm_up()
   app = FastAPI(title="flaxdigits", docs_url=None, redoc_url=None, openapi_url=None)
   app.mount("/static", StaticFiles(directory=str(_WEB / "static")), name="static")

@@ -77,6 +77,18 @@ def test_errors_are_one_line_on_stderr(args, message, tmp_path):
   assert "Traceback" not in result.output and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.parametrize("args, option", [
+    (["eval", "--batch-size", "0"], "--batch-size"),
+    (["eval", "--cpu-devices", "-1"], "--cpu-devices"),
+    (["serve", "--max-upload-mb", "-1"], "--max-upload-mb"),
+])
+def test_out_of_range_options_are_usage_errors(args, option, tmp_path):
+  # Refused by the command line before anything loads (eval once crashed on --batch-size 0).
+  result = runner.invoke(app, args + ["--checkpoint", str(tmp_path / "none")])
+  assert result.exit_code == 2
+  assert option in result.stderr and "Traceback" not in result.output
+
+
 def test_help_does_not_import_jax():
   code = ("import sys\nfrom flaxdigits.cli.main import main\nsys.argv = ['digits', '--help']\n"
           "try:\n  main()\nexcept SystemExit as e:\n  assert e.code == 0, e.code\n"

@@ -100,6 +100,13 @@ def test_empty_split_is_an_error():
     evaluate(model, Split(np.zeros((0, 28, 28), np.uint8), np.zeros((0,), np.uint8)))
 
 
+@pytest.mark.parametrize("batch_size", [0, -5])
+def test_batch_size_below_one_is_an_error(small, batch_size):
+  model = build_model(ModelConfig(conv_features=(4,), dense_features=(4,)))
+  with pytest.raises(ValueError, match=f"batch_size must be >= 1, got {batch_size}"):
+    evaluate(model, small["test"], batch_size=batch_size)
+
+
 def test_shift_image_moves_pixels_and_fills_with_background():
   image = np.zeros((1, 5, 5, 1), np.float32)
   image[0, 2, 3, 0] = 1.0

@@ -154,3 +154,9 @@ def test_cli_serve_errors_are_one_line(tmp_path):
     taken = runner.invoke(cli, ["serve", "-c", str(tmp_path), "--port", str(port)])
   assert taken.exit_code == 1 and f"cannot serve on 127.0.0.1:{port}" in taken.stderr
   assert "Traceback" not in missing.output + taken.output
+
+
+@pytest.mark.parametrize("limits", [{"max_upload_bytes": 0}, {"timeout_s": -1.0}])
+def test_limits_must_be_positive(predictor, limits):
+  with pytest.raises(ValueError, match="must be positive"):
+    create_app(predictor, **limits)
