@@ -17,7 +17,8 @@ from flaxdigits.model import CNN, abstract_model
 FORMAT_VERSION = 1
 MAX_TO_KEEP = 3
 # Fields that may change when resuming: more epochs extend the run; the evaluation batch size
-# changes no parameter.
+# changes no parameter. (Steps per dispatch changes no parameter either, but a run stopped at
+# one chunk boundary resumes at a step the new chunk length may not divide.)
 _RESUMABLE_CHANGES = {"epochs", "eval_batch_size"}
 
 
