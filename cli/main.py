@@ -119,7 +119,7 @@ def train(
   from flaxdigits import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from flaxdigits.config import ModelConfig, TrainConfig  # pylint: disable=import-outside-toplevel
   from flaxdigits.config import preset as preset_configs  # pylint: disable=import-outside-toplevel
-  from flaxdigits.train import train as train_fn  # pylint: disable=import-outside-toplevel
+  from flaxdigits.training import train as train_fn  # pylint: disable=import-outside-toplevel
   console = err if json_out else Console()
   with _user_errors():
     given = {k: v for k, v in dict(batch_size=batch_size, learning_rate=lr, seed=seed,
@@ -217,7 +217,7 @@ def eval_(
   """Accuracy, mean loss and confusion matrix of a checkpoint on the 10,000 test images."""
   _setup_jax(cpu_devices)
   from flaxdigits.checkpoint import load_model  # pylint: disable=import-outside-toplevel
-  from flaxdigits.evaluate import evaluate  # pylint: disable=import-outside-toplevel
+  from flaxdigits.evaluation import evaluate  # pylint: disable=import-outside-toplevel
   console = err if json_out else Console()
   with _user_errors():
     model, meta = load_model(checkpoint)

@@ -22,7 +22,7 @@ def format_epoch(record: dict[str, Any], epochs: int) -> str:
 
 
 class TrainingDisplay:
-  """Turns flaxdigits.train events into a Rich progress bar and a line per epoch."""
+  """Turns flaxdigits.training events into a Rich progress bar and a line per epoch."""
 
   def __init__(self, console: Console, epochs: int, quiet: bool = False):
     self.console, self.epochs, self.quiet = console, epochs, quiet
@@ -46,10 +46,10 @@ class TrainingDisplay:
       self._progress.__exit__(*exc)
 
   def __call__(self, event) -> None:
-    from flaxdigits import train  # pylint: disable=import-outside-toplevel
+    from flaxdigits import training  # pylint: disable=import-outside-toplevel
     if self.quiet:
       return
-    if isinstance(event, train.Started):
+    if isinstance(event, training.Started):
       self.console.print(
           f"CNN with {event.num_params:,} parameters on {event.num_devices} device(s); "
           f"{event.steps_per_epoch} steps/epoch, step {event.start_step} of {event.total_steps}")
@@ -57,10 +57,10 @@ class TrainingDisplay:
                                            completed=event.start_step, epoch=1 +
                                            event.start_step // event.steps_per_epoch,
                                            loss=0.0, acc=0.0, rate=0.0)
-    elif isinstance(event, train.Progress):
+    elif isinstance(event, training.Progress):
       self._progress.update(self._task, completed=event.step, epoch=event.epoch, loss=event.loss,
                             acc=event.accuracy, rate=event.images_per_sec)
-    elif isinstance(event, train.EpochEnd):
+    elif isinstance(event, training.EpochEnd):
       self._progress.update(self._task, completed=event.record["step"])
       self.console.print(format_epoch(event.record, self.epochs))
 

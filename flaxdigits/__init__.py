@@ -27,15 +27,15 @@ _EXPORTS = {
     "build_model": "flaxdigits.model",
     "count_params": "flaxdigits.model",
     "make_mesh": "flaxdigits.parallel",
-    "TrainState": "flaxdigits.train",
-    "TrainResult": "flaxdigits.train",
-    "Started": "flaxdigits.train",
-    "Progress": "flaxdigits.train",
-    "EpochEnd": "flaxdigits.train",
-    "train": "flaxdigits.train",
-    "EvalResult": "flaxdigits.evaluate",
-    "cross_entropy": "flaxdigits.evaluate",
-    "evaluate": "flaxdigits.evaluate",
+    "TrainState": "flaxdigits.training",
+    "TrainResult": "flaxdigits.training",
+    "Started": "flaxdigits.training",
+    "Progress": "flaxdigits.training",
+    "EpochEnd": "flaxdigits.training",
+    "train": "flaxdigits.training",
+    "EvalResult": "flaxdigits.evaluation",
+    "cross_entropy": "flaxdigits.evaluation",
+    "evaluate": "flaxdigits.evaluation",
     "CheckpointManager": "flaxdigits.checkpoint",
     "load_model": "flaxdigits.checkpoint",
     "SplitSummary": "flaxdigits.eda",
@@ -63,9 +63,9 @@ if TYPE_CHECKING:
   from flaxdigits.config import ModelConfig, TrainConfig  # noqa: F401
   from flaxdigits.data import Split, load_mnist, normalize  # noqa: F401
   from flaxdigits.eda import SplitSummary, summarize  # noqa: F401
-  from flaxdigits.evaluate import EvalResult, cross_entropy, evaluate  # noqa: F401
+  from flaxdigits.evaluation import EvalResult, cross_entropy, evaluate  # noqa: F401
   from flaxdigits.model import CNN, build_model, count_params  # noqa: F401
   from flaxdigits.parallel import make_mesh  # noqa: F401
   from flaxdigits.predict import Prediction, Predictor  # noqa: F401
   from flaxdigits.preprocess import NoDigitFound, to_mnist  # noqa: F401
-  from flaxdigits.train import (EpochEnd, Progress, Started, TrainResult, TrainState, train)  # noqa: F401
+  from flaxdigits.training import (EpochEnd, Progress, Started, TrainResult, TrainState, train)  # noqa: F401

@@ -32,7 +32,7 @@ def main() -> None:
   import jax
   from flaxdigits.checkpoint import load_model
   from flaxdigits.data import load_mnist
-  from flaxdigits.evaluate import EVAL_BATCH_SIZE, evaluate
+  from flaxdigits.evaluation import EVAL_BATCH_SIZE, evaluate
   batch_size = args.batch_size or EVAL_BATCH_SIZE
   model, meta = load_model(args.checkpoint)
   test = load_mnist(args.data_dir, ("test",))["test"]

@@ -23,7 +23,7 @@ def main() -> None:
   args = parser.parse_args()
   from flaxdigits.checkpoint import load_model
   from flaxdigits.data import load_mnist
-  from flaxdigits.evaluate import evaluate
+  from flaxdigits.evaluation import evaluate
   from flaxdigits.predict import Predictor, expand_paths
   model, _ = load_model(args.checkpoint)
   clean = evaluate(model, load_mnist(args.data_dir, ("test",))["test"]).accuracy

@@ -30,7 +30,7 @@ def main() -> None:
   import jax
   from flaxdigits import data as data_lib
   from flaxdigits.config import ModelConfig, TrainConfig
-  from flaxdigits.train import train
+  from flaxdigits.training import train
   from rich.console import Console
   from flaxdigits.cli.render import TrainingDisplay
   sys.path.insert(0, os.path.dirname(__file__))

@@ -82,7 +82,7 @@ def _child_flaxdigits(args, preset_name: str) -> dict:
   from flaxdigits import parallel  # pylint: disable=import-outside-toplevel
   parallel.split_cpu_into_devices()
   import jax  # pylint: disable=import-outside-toplevel
-  from flaxdigits import data as data_lib, train as train_lib  # pylint: disable=import-outside-toplevel
+  from flaxdigits import data as data_lib, training as train_lib  # pylint: disable=import-outside-toplevel
   from flaxdigits.config import preset  # pylint: disable=import-outside-toplevel
 
   cache_dir = tempfile.mkdtemp(prefix="flaxdigits-bench-xla-")  # empty: a cold CLI's first run

@@ -28,7 +28,7 @@ def main() -> None:
   from flaxdigits.augment import rotate, shift_image
   from flaxdigits.checkpoint import load_model
   from flaxdigits.data import normalize
-  from flaxdigits.evaluate import TTA_ROTATIONS, TTA_SHIFTS
+  from flaxdigits.evaluation import TTA_ROTATIONS, TTA_SHIFTS
   from flaxdigits.model import probabilities
 
   model, _ = load_model(args.checkpoint)

@@ -8,8 +8,8 @@ from flax import nnx
 
 from flaxdigits.checkpoint import MAX_TO_KEEP, CheckpointManager, load_model
 from flaxdigits.config import ModelConfig, TrainConfig
-from flaxdigits.evaluate import evaluate
-from flaxdigits.train import train
+from flaxdigits.evaluation import evaluate
+from flaxdigits.training import train
 
 TINY = ModelConfig(conv_features=(8,), dense_features=(32,))
 

@@ -6,7 +6,7 @@ from flax import nnx
 from flaxdigits.config import ModelConfig
 from flaxdigits.data import Split, normalize
 from flaxdigits.augment import rotate, shift_image
-from flaxdigits.evaluate import (TTA_SHIFTS, EvalResult, _eval_batch, cross_entropy, evaluate,
+from flaxdigits.evaluation import (TTA_SHIFTS, EvalResult, _eval_batch, cross_entropy, evaluate,
                                  tta_views)
 from flaxdigits.model import build_model
 from flaxdigits.parallel import batch_sharded, make_mesh, replicate

@@ -13,7 +13,7 @@ from flaxdigits.checkpoint import load_model
 from flaxdigits.cli.main import app
 from flaxdigits.config import ModelConfig, TrainConfig
 from flaxdigits.predict import Predictor, expand_paths
-from flaxdigits.train import train
+from flaxdigits.training import train
 
 runner = CliRunner()
 

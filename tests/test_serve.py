@@ -17,7 +17,7 @@ from flaxdigits.cli.main import app as cli
 from flaxdigits.config import ModelConfig, TrainConfig
 from flaxdigits.predict import Predictor
 from flaxdigits.serve import create_app
-from flaxdigits.train import train
+from flaxdigits.training import train
 
 
 @pytest.fixture(scope="module")

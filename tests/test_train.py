@@ -2,7 +2,7 @@ import jax
 import numpy as np
 import pytest
 
-from flaxdigits import train as train_lib
+from flaxdigits import training as train_lib
 from flaxdigits.checkpoint import CheckpointManager, load_model
 from flaxdigits.config import ModelConfig, TrainConfig
 from flaxdigits.data import Split

@@ -22,7 +22,7 @@ from flaxdigits import parallel
 from flaxdigits.augment import affine_warp
 from flaxdigits.config import ModelConfig, TrainConfig
 from flaxdigits.data import Split, normalize
-from flaxdigits.evaluate import EvalResult, cross_entropy, evaluate
+from flaxdigits.evaluation import EvalResult, cross_entropy, evaluate
 from flaxdigits.model import CNN, build_model, count_params
 
 PyTree = Any
