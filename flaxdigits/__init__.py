@@ -8,6 +8,9 @@ does not pull in JAX until a name that needs it is used:
     result = fd.train(data, fd.ModelConfig(), fd.TrainConfig(epochs=5), checkpoint_dir="ckpt")
     model, meta = fd.load_model("ckpt")
     print(fd.evaluate(model, data["test"]).accuracy)
+
+Each name maps to "module" (the same name there) or "module:attribute". No public name is also
+a submodule's name: importing a submodule binds it on the package, over the function.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "ModelConfig": "flaxdigits.config",
     "TrainConfig": "flaxdigits.config",
+    "preset": "flaxdigits.config",
     "Split": "flaxdigits.data",
     "load_mnist": "flaxdigits.data",
     "normalize": "flaxdigits.data",
@@ -44,13 +48,19 @@ _EXPORTS = {
     "to_mnist": "flaxdigits.preprocess",
     "Prediction": "flaxdigits.predict",
     "Predictor": "flaxdigits.predict",
+    "create_app": "flaxdigits.serve",
+    "export_model": "flaxdigits.export:export",
+    "eda_figures": "flaxdigits.figures",
+    "report_figures": "flaxdigits.figures",
+    "save_figures": "flaxdigits.figures:save_all",
 }
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str):
   if name in _EXPORTS:
-    return getattr(importlib.import_module(_EXPORTS[name]), name)
+    module, _, attribute = _EXPORTS[name].partition(":")
+    return getattr(importlib.import_module(module), attribute or name)
   raise AttributeError(f"module 'flaxdigits' has no attribute {name!r}")
 
 
@@ -60,12 +70,16 @@ def __dir__():
 
 if TYPE_CHECKING:
   from flaxdigits.checkpoint import CheckpointManager, load_model  # noqa: F401
-  from flaxdigits.config import ModelConfig, TrainConfig  # noqa: F401
+  from flaxdigits.config import ModelConfig, TrainConfig, preset  # noqa: F401
   from flaxdigits.data import Split, load_mnist, normalize  # noqa: F401
   from flaxdigits.eda import SplitSummary, summarize  # noqa: F401
+  from flaxdigits.export import export as export_model  # noqa: F401
+  from flaxdigits.figures import eda_figures, report_figures  # noqa: F401
+  from flaxdigits.figures import save_all as save_figures  # noqa: F401
   from flaxdigits.evaluation import EvalResult, cross_entropy, evaluate  # noqa: F401
   from flaxdigits.model import CNN, build_model, count_params  # noqa: F401
   from flaxdigits.parallel import make_mesh  # noqa: F401
   from flaxdigits.predict import Prediction, Predictor  # noqa: F401
   from flaxdigits.preprocess import NoDigitFound, to_mnist  # noqa: F401
+  from flaxdigits.serve import create_app  # noqa: F401
   from flaxdigits.training import (EpochEnd, Progress, Started, TrainResult, TrainState, train)  # noqa: F401
