@@ -256,7 +256,8 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
   Raises:
     FloatingPointError: the loss became non-finite (the last good checkpoint is kept).
     FileNotFoundError: resume without a checkpoint.
-    ValueError: bad config, or a checkpoint written by an incompatible config.
+    ValueError: bad config, a checkpoint written by an incompatible config, or (without
+      resume) a checkpoint_dir that already holds a checkpoint.
   """
   from flaxdigits import checkpoint  # pylint: disable=import-outside-toplevel
   callback = callback or (lambda event: None)
@@ -281,6 +282,11 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
     if resume:
       state, meta = manager.restore_for_resume(state, model_config, train_config)
       history = meta["history"]
+    elif (existing := manager.latest_step()) is not None:
+      # A second run's steps would overwrite the first's and interleave with them.
+      manager.close()
+      raise ValueError(f"{checkpoint_dir} already holds a checkpoint (step {existing}); resume "
+                       "it, or choose another checkpoint directory")
   elif resume:
     raise ValueError("resume needs a checkpoint directory")
   state = parallel.replicate(state, mesh)

@@ -1,6 +1,7 @@
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from flaxdigits import training as train_lib
 from flaxdigits.checkpoint import CheckpointManager, load_model
@@ -156,6 +157,16 @@ def test_resume_with_other_settings_is_refused(small, tmp_path):
     train_lib.train(small, ModelConfig(), TrainConfig(epochs=2, batch_size=64,
                                                       steps_per_dispatch=2),
                     checkpoint_dir=str(tmp_path), resume=True)
+
+
+def test_a_new_run_never_writes_over_a_checkpoint(small, tmp_path):
+  first = tiny_train(small, epochs=1, checkpoint_dir=tmp_path)
+  files = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+  with pytest.raises(ValueError, match="already holds a checkpoint \\(step 8\\)"):
+    tiny_train(small, epochs=1, seed=5, checkpoint_dir=tmp_path)
+  assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == files
+  model, _ = load_model(tmp_path)
+  assert_trees_equal(nnx.state(model, nnx.Param), first.state.params)
 
 
 def test_resume_without_checkpoint_is_file_not_found(small, tmp_path):
