@@ -73,10 +73,10 @@ if TYPE_CHECKING:
   from flaxdigits.config import ModelConfig, TrainConfig, preset  # noqa: F401
   from flaxdigits.data import Split, load_mnist, normalize  # noqa: F401
   from flaxdigits.eda import SplitSummary, summarize  # noqa: F401
+  from flaxdigits.evaluation import EvalResult, cross_entropy, evaluate  # noqa: F401
   from flaxdigits.export import export as export_model  # noqa: F401
   from flaxdigits.figures import eda_figures, report_figures  # noqa: F401
   from flaxdigits.figures import save_all as save_figures  # noqa: F401
-  from flaxdigits.evaluation import EvalResult, cross_entropy, evaluate  # noqa: F401
   from flaxdigits.model import CNN, build_model, count_params  # noqa: F401
   from flaxdigits.parallel import make_mesh  # noqa: F401
   from flaxdigits.predict import Prediction, Predictor  # noqa: F401

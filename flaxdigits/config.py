@@ -60,7 +60,7 @@ class TrainConfig:
   stroke_jitter: float = 0.5
   seed: int = 0
   steps_per_dispatch: int = 4
-  eval_batch_size: int = 500  # see evaluate.EVAL_BATCH_SIZE
+  eval_batch_size: int = 500  # see evaluation.EVAL_BATCH_SIZE
 
   def __post_init__(self):
     _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")

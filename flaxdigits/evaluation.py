@@ -1,4 +1,4 @@
-"""The loss, and exact evaluation: every example scored once, the last batch padded and masked."""
+"""The loss, and exact evaluation: every example scored once, the last batch padded and dropped."""
 
 from __future__ import annotations
 
