@@ -111,8 +111,9 @@ def _eval_batch(graphdef, params, images_NxHxW, labels_N, start, *, batch_size, 
   return loss_B, jnp.argmax(logits_BxK, -1), confidence_B
 
 
-# Measured on 2 CPU cores (scripts/bench_eval.py, default CNN): 500 per batch (250 per device)
-# 12,900 images/s, 1000 9,100, 250 12,500. A batch's activations should fit in the caches.
+# On 2 CPU cores (scripts/bench_eval.py, default CNN; README) batches of 500, 250 per device,
+# ran 25-37% more images/s than batches of 1000 and a little more than 250: a batch's
+# activations should fit in the caches.
 EVAL_BATCH_SIZE = 500
 
 
