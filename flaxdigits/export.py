@@ -55,7 +55,7 @@ def export(model: Any, meta: dict[str, Any], fmt: str, path: str | os.PathLike,
   sidecar = path.with_name(path.name + ".json")
   for existing in (path, sidecar):
     if existing.exists() and not overwrite:
-      raise ValueError(f"{existing} exists; pass --force to replace it")
+      raise ValueError(f"{existing} exists; pass overwrite=True (--force) to replace it")
   path.parent.mkdir(parents=True, exist_ok=True)
   fn = probabilities_fn(model)
   data = _to_onnx(fn) if fmt == "onnx" else _to_tflite(fn)

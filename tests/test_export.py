@@ -67,7 +67,7 @@ def test_batch_norm_exports_with_its_running_averages(fmt, mnist, tmp_path):
 def test_refuses_to_overwrite_and_unknown_formats(reference, tmp_path):
   model, meta, _, _ = reference
   (tmp_path / "digits.onnx").write_bytes(b"someone's file")
-  with pytest.raises(ValueError, match="exists; pass --force"):
+  with pytest.raises(ValueError, match=r"exists; pass overwrite=True \(--force\)"):
     export.export(model, meta, "onnx", tmp_path / "digits.onnx")
   assert (tmp_path / "digits.onnx").read_bytes() == b"someone's file"
   with pytest.raises(ValueError, match="unknown export format 'pdf'"):
@@ -84,7 +84,7 @@ def test_cli_export_json_and_errors(real_checkpoint, tmp_path):
   assert out.is_file() and (tmp_path / "phone" / "model.onnx.json").is_file()
   again = runner.invoke(app, ["export", "-c", str(real_checkpoint), "-f", "onnx", "--out",
                               str(out)])
-  assert again.exit_code == 1 and "exists; pass --force" in again.stderr
+  assert again.exit_code == 1 and "(--force) to replace it" in again.stderr
   missing = runner.invoke(app, ["export", "-c", str(tmp_path / "none"), "-f", "tflite"])
   assert missing.exit_code == 1 and "checkpoint directory not found" in missing.stderr
   assert "Traceback" not in again.output + missing.output
