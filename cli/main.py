@@ -14,6 +14,8 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from flaxdigits.config import EVAL_BATCH_SIZE  # plain Python: no JAX at start-up
+
 app = typer.Typer(help="Handwritten digit recognition with JAX and Flax NNX.",
                   no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   rich_markup_mode="rich")
@@ -126,7 +128,6 @@ def train(
                                    epochs=epochs).items() if v is not None}
     model_given = {k: v for k, v in dict(norm=norm.value if norm else None,
                                          dropout=dropout).items() if v is not None}
-    existing = ckpt_lib.CheckpointManager(checkpoint).latest_step() if checkpoint.is_dir() else None
     if resume:
       if preset is not None or model_given:
         dropped = ["--preset"] * (preset is not None) + [f"--{k}" for k in model_given]
@@ -135,9 +136,7 @@ def train(
       model_config = ModelConfig.from_dict(meta["model"])
       train_config = TrainConfig.from_dict(meta["train"] | given)
     else:
-      if existing is not None:
-        raise ValueError(f"{checkpoint} already holds a checkpoint (step {existing}); pass "
-                         "--resume to continue it, or choose another --checkpoint directory")
+      ckpt_lib.refuse_existing(checkpoint)  # before loading any data
       model_config, recipe = preset_configs((preset or Preset.default).value)
       model_config = dataclasses.replace(model_config, **model_given)
       train_config = dataclasses.replace(recipe, **given)
@@ -203,7 +202,8 @@ def eda(
 def eval_(
     checkpoint: Checkpoint = Path("ckpt"),
     data_dir: DataDir = None,
-    batch_size: Annotated[int, typer.Option(min=1, help="Evaluation batch size.")] = 500,
+    batch_size: Annotated[int, typer.Option(
+        min=1, help="Evaluation batch size.")] = EVAL_BATCH_SIZE,
     report: Annotated[Optional[Path], typer.Option(
         help="Also show per-class metrics and the most confused pairs, and write figures "
         "(confusion heatmap, misclassified images, training curves) into this folder.",

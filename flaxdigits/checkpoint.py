@@ -117,6 +117,21 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
 
 
+def refuse_existing(directory: str | os.PathLike) -> None:
+  """A new run must not write into a folder holding another run's checkpoint: its steps would
+  overwrite that run's and interleave with them."""
+  if not Path(directory).is_dir():
+    return
+  manager = CheckpointManager(directory, read_only=True)
+  try:
+    step = manager.latest_step()
+  finally:
+    manager.close()
+  if step is not None:
+    raise ValueError(f"{directory} already holds a checkpoint (step {step}); resume it "
+                     "(--resume) or choose another checkpoint directory")
+
+
 def check_compatible(meta: dict[str, Any], model_config: ModelConfig,
                      train_config: TrainConfig) -> None:
   saved_model = ModelConfig.from_dict(meta["model"])

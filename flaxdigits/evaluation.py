@@ -14,6 +14,7 @@ from jax.sharding import Mesh
 
 from flaxdigits import parallel
 from flaxdigits.augment import rotate, shift_image
+from flaxdigits.config import EVAL_BATCH_SIZE
 from flaxdigits.data import NUM_CLASSES, Split, normalize
 from flaxdigits.model import probabilities
 
@@ -109,12 +110,6 @@ def _eval_batch(graphdef, params, images_NxHxW, labels_N, start, *, batch_size, 
   loss_B = cross_entropy(logits_BxK, labels)
   confidence_B = jnp.max(jax.nn.softmax(logits_BxK, -1), -1)
   return loss_B, jnp.argmax(logits_BxK, -1), confidence_B
-
-
-# On 2 CPU cores (scripts/bench_eval.py, default CNN; README) batches of 500, 250 per device,
-# ran 25-37% more images/s than batches of 1000 and a little more than 250: a batch's
-# activations should fit in the caches.
-EVAL_BATCH_SIZE = 500
 
 
 def evaluate(model: nnx.Module, split: Split, *, batch_size: int = EVAL_BATCH_SIZE,

@@ -278,15 +278,12 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
   history: list[dict[str, float]] = []
   manager = None
   if checkpoint_dir is not None:
+    if not resume:
+      checkpoint.refuse_existing(checkpoint_dir)
     manager = checkpoint.CheckpointManager(checkpoint_dir)
     if resume:
       state, meta = manager.restore_for_resume(state, model_config, train_config)
       history = meta["history"]
-    elif (existing := manager.latest_step()) is not None:
-      # A second run's steps would overwrite the first's and interleave with them.
-      manager.close()
-      raise ValueError(f"{checkpoint_dir} already holds a checkpoint (step {existing}); resume "
-                       "it, or choose another checkpoint directory")
   elif resume:
     raise ValueError("resume needs a checkpoint directory")
   state = parallel.replicate(state, mesh)

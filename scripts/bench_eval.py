@@ -32,7 +32,8 @@ def main() -> None:
   import jax
   from flaxdigits.checkpoint import load_model
   from flaxdigits.data import load_mnist
-  from flaxdigits.evaluation import EVAL_BATCH_SIZE, evaluate
+  from flaxdigits.config import EVAL_BATCH_SIZE
+  from flaxdigits.evaluation import evaluate
   batch_size = args.batch_size or EVAL_BATCH_SIZE
   model, meta = load_model(args.checkpoint)
   test = load_mnist(args.data_dir, ("test",))["test"]
@@ -99,30 +100,29 @@ def _stage_seconds(model, per_device: int, repeats: int) -> list[tuple[str, floa
   results = []
   for name, stage in stages:
     args = [(jax.device_put(state, d), jax.device_put(x, d)) for d in jax.devices()]
-    outputs = jax.block_until_ready([stage(*a) for a in args])
-    best = float("inf")
-    for _ in range(repeats):
-      start = time.perf_counter()
-      jax.block_until_ready([stage(*a) for a in args])
-      best = min(best, time.perf_counter() - start)
-    results.append((name, best))
-    x = np.asarray(outputs[0])  # the next stage's input
+    results.append((name, _best_seconds(stage, args, repeats)))
+    x = np.asarray(stage(*args[0]))  # the next stage's input
   return results
+
+
+def _best_seconds(fn, args_per_device: list[tuple], repeats: int) -> float:
+  """Best wall time of fn run on every device's arguments at once, after a compiling call."""
+  import jax  # pylint: disable=import-outside-toplevel
+  jax.block_until_ready([fn(*a) for a in args_per_device])
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    jax.block_until_ready([fn(*a) for a in args_per_device])
+    best = min(best, time.perf_counter() - start)
+  return best
 
 
 def _matmul_flops_per_sec(n: int = 2048) -> float:
   """Best rate of an n x n x n float32 product, one per device, all devices at once."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  a = [jax.device_put(jnp.ones((n, n), jnp.float32), d) for d in jax.devices()]
-  product = jax.jit(lambda x: x @ x)
-  jax.block_until_ready([product(x) for x in a])
-  best = float("inf")
-  for _ in range(10):
-    start = time.perf_counter()
-    jax.block_until_ready([product(x) for x in a])
-    best = min(best, time.perf_counter() - start)
-  return len(a) * 2 * n ** 3 / best
+  a = [(jax.device_put(jnp.ones((n, n), jnp.float32), d),) for d in jax.devices()]
+  return len(a) * 2 * n ** 3 / _best_seconds(jax.jit(lambda x: x @ x), a, 10)
 
 
 if __name__ == "__main__":
