@@ -15,15 +15,43 @@ import pytest  # noqa: E402
 jax.config.update("jax_numpy_rank_promotion", "raise")
 jax.config.update("jax_debug_nans", False)
 
-MNIST_DIR = Path(os.environ.get(
-    "FLAXDIGITS_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"))
+# A committed slice of real MNIST (the first 512 training and 300 test images, 130 KB): unit
+# tests run from a fresh clone with nothing else.
+SMALL_DIR = Path(__file__).resolve().parent / "data" / "mnist-small"
+# The whole of MNIST, for the real-data tests: $FLAXDIGITS_TEST_DATA, then ../shared/data/mnist
+# beside the checkout, then tensorflow-datasets (which downloads it where there is a network).
+SHARED_MNIST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
+
+
+def _real_mnist_dir() -> Path | None:
+  """The folder of the four real MNIST files, or None to use tensorflow-datasets."""
+  if os.environ.get("FLAXDIGITS_TEST_DATA"):
+    path = Path(os.environ["FLAXDIGITS_TEST_DATA"])
+    if not (path / "t10k-labels-idx1-ubyte.gz").is_file():
+      pytest.fail(f"FLAXDIGITS_TEST_DATA={path} does not hold the four MNIST IDX files")
+    return path
+  if (SHARED_MNIST / "t10k-labels-idx1-ubyte.gz").is_file():
+    return SHARED_MNIST
+  from flaxdigits import data
+  try:
+    data.load_tfds_split("test")  # prepares (downloads) MNIST once where it can
+  except FileNotFoundError as e:
+    pytest.skip(f"real MNIST not found: set FLAXDIGITS_TEST_DATA to a folder with the four IDX "
+                f"files, put them in {SHARED_MNIST}, or let tensorflow-datasets download them "
+                f"({e})")
+  return None
 
 
 @pytest.fixture(scope="session")
-def mnist_dir() -> Path:
-  if not (MNIST_DIR / "t10k-labels-idx1-ubyte.gz").is_file():
-    pytest.fail(f"real MNIST not found in {MNIST_DIR} (set FLAXDIGITS_TEST_DATA)")
-  return MNIST_DIR
+def mnist_dir() -> Path | None:
+  """Where the real-data tests read MNIST: a folder, or None for tensorflow-datasets."""
+  return _real_mnist_dir()
+
+
+@pytest.fixture(scope="session")
+def mnist_args(mnist_dir) -> list[str]:
+  """The `--data-dir` option a CLI call on real MNIST needs (none for tensorflow-datasets)."""
+  return [] if mnist_dir is None else ["--data-dir", str(mnist_dir)]
 
 
 @pytest.fixture(scope="session")
@@ -33,11 +61,10 @@ def mnist(mnist_dir):
 
 
 @pytest.fixture(scope="session")
-def small(mnist):
-  """512 training and 300 test images of real MNIST."""
-  from flaxdigits.data import Split
-  return {"train": Split(mnist["train"].images[:512], mnist["train"].labels[:512]),
-          "test": Split(mnist["test"].images[:300], mnist["test"].labels[:300])}
+def small():
+  """512 training and 300 test images of real MNIST, from the committed slice."""
+  from flaxdigits.data import load_mnist
+  return load_mnist(SMALL_DIR)
 
 
 def write_idx(path: Path, array: np.ndarray, *, magic: int | None = None,
@@ -51,17 +78,24 @@ def write_idx(path: Path, array: np.ndarray, *, magic: int | None = None,
 
 
 @pytest.fixture(scope="session")
-def tiny_data_dir(small, tmp_path_factory) -> Path:
+def tiny_data_dir() -> Path:
   """A data folder holding the small split as the four standard IDX files."""
-  root = tmp_path_factory.mktemp("tiny-mnist")
-  for split, stem in (("train", "train"), ("test", "t10k")):
-    write_idx(root / f"{stem}-images-idx3-ubyte.gz", small[split].images)
-    write_idx(root / f"{stem}-labels-idx1-ubyte.gz", small[split].labels)
-  return root
+  return SMALL_DIR
 
 
 @pytest.fixture(scope="session")
-def real_checkpoint(mnist_dir, tmp_path_factory):
+def tiny_checkpoint(small, tmp_path_factory) -> Path:
+  """A narrow CNN trained for one epoch on the small split: a real checkpoint in seconds."""
+  from flaxdigits.config import ModelConfig, TrainConfig
+  from flaxdigits.training import train
+  directory = tmp_path_factory.mktemp("tiny") / "ckpt"
+  train(small, ModelConfig(conv_features=(8,), dense_features=(32,)),
+        TrainConfig(epochs=1, batch_size=64), checkpoint_dir=str(directory))
+  return directory
+
+
+@pytest.fixture(scope="session")
+def real_checkpoint(mnist_args, tmp_path_factory):
   """The default model and recipe, one epoch over all 60,000 images, through the CLI."""
   import json
 
@@ -69,7 +103,7 @@ def real_checkpoint(mnist_dir, tmp_path_factory):
 
   from flaxdigits.cli.main import app
   ckpt = tmp_path_factory.mktemp("e2e") / "ckpt"
-  trained = CliRunner().invoke(app, ["train", "--epochs", "1", "--data-dir", str(mnist_dir),
+  trained = CliRunner().invoke(app, ["train", "--epochs", "1", *mnist_args,
                                      "--checkpoint", str(ckpt), "--json"])
   assert trained.exit_code == 0, trained.output
   assert json.loads(trained.stdout)["step"] == 60_000 // 128

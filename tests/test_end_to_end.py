@@ -16,9 +16,9 @@ TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 
 
 @pytest.mark.slow
-def test_one_epoch_on_real_mnist_scores_all_10000(real_checkpoint, mnist_dir, tmp_path):
-  evaluated = runner.invoke(app, ["eval", "--checkpoint", str(real_checkpoint), "--data-dir",
-                                  str(mnist_dir), "--json", "--report", str(tmp_path)])
+def test_one_epoch_on_real_mnist_scores_all_10000(real_checkpoint, mnist_args, tmp_path):
+  evaluated = runner.invoke(app, ["eval", "--checkpoint", str(real_checkpoint), *mnist_args,
+                                  "--json", "--report", str(tmp_path)])
   assert evaluated.exit_code == 0, evaluated.output
   out = json.loads(evaluated.stdout)
   cm = np.array(out["confusion_matrix"])

@@ -47,13 +47,13 @@ def test_export_matches_jax_on_all_test_images(reference, fmt, tmp_path):
 
 
 @pytest.mark.parametrize("fmt", export.FORMATS)
-def test_batch_norm_exports_with_its_running_averages(fmt, mnist, tmp_path):
+def test_batch_norm_exports_with_its_running_averages(fmt, small, tmp_path):
   from flaxdigits.config import ModelConfig
   from flaxdigits.model import build_model
   # Dropout too: inactive in inference, it must not reach the exporter at all.
   config = ModelConfig(conv_features=(8, 16), dense_features=(32,), norm="batch", dropout=0.3)
   model = build_model(config, seed=0)
-  images = normalize(mnist["test"].images[:64])
+  images = normalize(small["test"].images[:64])
   for _ in range(5):  # running averages well away from their initial 0 / 1
     model(images, train=True)
   expected = np.asarray(jax.jit(export.probabilities_fn(model))(images))
@@ -64,8 +64,8 @@ def test_batch_norm_exports_with_its_running_averages(fmt, mnist, tmp_path):
   np.testing.assert_allclose(export.run(result.path, images), expected, atol=1e-4)
 
 
-def test_refuses_to_overwrite_and_unknown_formats(reference, tmp_path):
-  model, meta, _, _ = reference
+def test_refuses_to_overwrite_and_unknown_formats(tiny_checkpoint, tmp_path):
+  model, meta = load_model(tiny_checkpoint)
   (tmp_path / "digits.onnx").write_bytes(b"someone's file")
   with pytest.raises(ValueError, match=r"exists; pass overwrite=True \(--force\)"):
     export.export(model, meta, "onnx", tmp_path / "digits.onnx")
@@ -74,15 +74,15 @@ def test_refuses_to_overwrite_and_unknown_formats(reference, tmp_path):
     export.export(model, meta, "pdf", tmp_path / "digits.pdf")
 
 
-def test_cli_export_json_and_errors(real_checkpoint, tmp_path):
+def test_cli_export_json_and_errors(tiny_checkpoint, tmp_path):
   out = tmp_path / "phone" / "model.onnx"
-  result = runner.invoke(app, ["export", "-c", str(real_checkpoint), "--format", "onnx", "--out",
+  result = runner.invoke(app, ["export", "-c", str(tiny_checkpoint), "--format", "onnx", "--out",
                                str(out), "--json"])
   assert result.exit_code == 0, result.output
   reported = json.loads(result.stdout)
   assert reported["file"] == str(out) and reported["max_abs_diff"] <= 1e-4
   assert out.is_file() and (tmp_path / "phone" / "model.onnx.json").is_file()
-  again = runner.invoke(app, ["export", "-c", str(real_checkpoint), "-f", "onnx", "--out",
+  again = runner.invoke(app, ["export", "-c", str(tiny_checkpoint), "-f", "onnx", "--out",
                               str(out)])
   assert again.exit_code == 1 and "(--force) to replace it" in again.stderr
   missing = runner.invoke(app, ["export", "-c", str(tmp_path / "none"), "-f", "tflite"])

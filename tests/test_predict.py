@@ -11,19 +11,14 @@ from typer.testing import CliRunner
 from flaxdigits import bundle
 from flaxdigits.checkpoint import load_model
 from flaxdigits.cli.main import app
-from flaxdigits.config import ModelConfig, TrainConfig
 from flaxdigits.predict import Predictor, expand_paths
-from flaxdigits.training import train
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def checkpoint(small, tmp_path_factory):
-  directory = tmp_path_factory.mktemp("predict") / "ckpt"
-  train(small, ModelConfig(conv_features=(8,), dense_features=(32,)),
-        TrainConfig(epochs=1, batch_size=64), checkpoint_dir=str(directory))
-  return directory
+def checkpoint(tiny_checkpoint):
+  return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
