@@ -10,6 +10,7 @@ normalises stroke width and size, and centres by centre of mass.
 from __future__ import annotations
 
 import io
+import math
 import os
 import warnings
 from pathlib import Path
@@ -22,6 +23,13 @@ from scipy import ndimage
 ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
 MAX_PIXELS = 40_000_000  # larger images are refused (Pillow's decompression-bomb guard)
+# At most this many pixels are ever decoded. JPEGs are decoded reduced (1/2 to 1/8 scale, almost
+# free), so photos up to MAX_PIXELS pass; other formats decode whole, so this bounds their memory
+# (at most 4 bytes a pixel: 64 MB) however small the file that declares them.
+MAX_DECODED_PIXELS = 1 << 24
+# Every input is brought to at most this long side before any analysis: ink separation works at
+# 400 px, and a 28x28 result needs no more.
+WORK_SIDE = 1024
 MIN_SIDE = 8
 BOX = 20  # MNIST fits each digit's longer side to 20 px ...
 SIZE = 28  # ... inside a 28x28 canvas
@@ -34,16 +42,24 @@ class NoDigitFound(ValueError):
 
 
 def load_image(source: ImageSource) -> Image.Image:
-  """Opens a path, bytes, PIL image or array, applying EXIF orientation.
+  """Opens a path, bytes, PIL image or array, applying EXIF orientation, at a working size.
+
+  The result's longer side is at most WORK_SIDE (smaller images keep their size). Memory stays
+  bounded whatever the file declares: the size is checked from the header before decoding,
+  JPEGs are decoded reduced, and nothing else over MAX_DECODED_PIXELS is decoded at all.
 
   Raises:
     FileNotFoundError: the path does not exist.
-    ValueError: not a readable image, too small, or larger than MAX_PIXELS.
+    ValueError: not a readable image, too small, or larger than MAX_PIXELS (MAX_DECODED_PIXELS
+      for formats that cannot be decoded reduced).
   """
   if isinstance(source, Image.Image):
-    return source
+    return _working_size(source)
   if isinstance(source, np.ndarray):
-    return Image.fromarray(_array_to_uint8(source))
+    if source.ndim >= 2 and source.shape[0] * source.shape[1] > MAX_PIXELS:
+      raise ValueError(f"array of {source.shape[1]}x{source.shape[0]} pixels is too large "
+                       f"(limit {MAX_PIXELS:,})")
+    return _working_size(Image.fromarray(_array_to_uint8(source)))
   if isinstance(source, (str, os.PathLike)) and not Path(source).is_file():
     if Path(source).is_dir():
       raise FileNotFoundError(f"no images in directory {source}")
@@ -51,12 +67,19 @@ def load_image(source: ImageSource) -> Image.Image:
   with warnings.catch_warnings():
     warnings.simplefilter("error", Image.DecompressionBombWarning)
     try:
-      image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
-      if image.width * image.height > MAX_PIXELS:
-        raise ValueError(f"image of {image.width}x{image.height} pixels is too large "
-                         f"(limit {MAX_PIXELS:,})")
-      image.load()
-      return ImageOps.exif_transpose(image)
+      with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
+        _check_declared_size(image)
+        if image.format == "JPEG":  # decode at 1/2, 1/4 or 1/8 scale, no smaller than needed
+          scale = WORK_SIDE / max(image.size)
+          if scale < 1:
+            image.draft(image.mode, (math.ceil(image.width * scale),
+                                     math.ceil(image.height * scale)))
+        if image.width * image.height > MAX_DECODED_PIXELS:
+          raise ValueError(f"{image.format or 'image'} of {image.width}x{image.height} pixels is "
+                           f"too large to decode (limit {MAX_DECODED_PIXELS:,} pixels; only "
+                           "JPEGs are decoded reduced)")
+        image.load()
+        return _working_size(ImageOps.exif_transpose(image))
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
       raise ValueError("image is too large (decompression-bomb guard)") from None
     except UnidentifiedImageError:
@@ -65,7 +88,33 @@ def load_image(source: ImageSource) -> Image.Image:
       raise ValueError(f"cannot decode image ({e})") from None
 
 
+def _check_declared_size(image: Image.Image) -> None:
+  if image.width * image.height > MAX_PIXELS:
+    raise ValueError(f"image of {image.width}x{image.height} pixels is too large "
+                     f"(limit {MAX_PIXELS:,})")
+
+
+def _working_size(image: Image.Image) -> Image.Image:
+  """Shrinks (box filter: every source pixel counts) to a longer side of at most WORK_SIDE."""
+  _check_declared_size(image)
+  scale = WORK_SIDE / max(image.size)
+  if scale >= 1:
+    return image
+  if image.mode not in ("1", "L", "LA", "RGB", "RGBA", "I", "F", "I;16"):
+    image = image.convert("RGBA" if "transparency" in image.info or "A" in image.mode else "RGB")
+  elif image.mode == "1":
+    image = image.convert("L")
+  size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+  return image.resize(size, Image.BOX)
+
+
 def _array_to_uint8(array: np.ndarray) -> np.ndarray:
+  """An image array of any numeric dtype -> uint8, keeping its contrast.
+
+  uint8 stays as it is; floats in [0, 1] are scaled by 255; other values that fit 0-255 are kept;
+  anything else (16-bit scans, say) is stretched from its minimum to its maximum, as 16-bit
+  image files are.
+  """
   array = np.asarray(array)
   if array.ndim == 3 and array.shape[-1] == 1:
     array = array[..., 0]
@@ -73,10 +122,16 @@ def _array_to_uint8(array: np.ndarray) -> np.ndarray:
     raise ValueError(f"array of shape {array.shape} is not an image (H, W[, 1|3|4])")
   if array.dtype == np.uint8:
     return array
-  array = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
-  if array.dtype.kind == "f" and array.size and array.min() >= 0 and array.max() <= 1:
-    array = array * 255
-  return np.clip(np.rint(array), 0, 255).astype(np.uint8)
+  if array.dtype.kind not in "biuf":
+    raise ValueError(f"array of dtype {array.dtype} is not an image")
+  is_float = array.dtype.kind == "f"
+  values = np.nan_to_num(array.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+  lo, hi = (float(values.min()), float(values.max())) if values.size else (0.0, 0.0)
+  if array.dtype.kind == "b" or (is_float and lo >= 0 and hi <= 1):
+    values = values * 255
+  elif lo < 0 or hi > 255:
+    values = (values - lo) * (255 / (hi - lo))
+  return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
 def ink_map(image: Image.Image) -> np.ndarray:

@@ -1,4 +1,6 @@
 import io
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -7,7 +9,8 @@ from hypothesis.extra import numpy as hnp
 from PIL import Image
 from scipy import ndimage
 
-from flaxdigits.preprocess import MAX_PIXELS, NoDigitFound, to_mnist
+from flaxdigits.preprocess import (MAX_DECODED_PIXELS, MAX_PIXELS, WORK_SIDE, NoDigitFound,
+                                   load_image, to_mnist)
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +139,52 @@ def test_missing_path_and_tiny_and_enormous_images(tmp_path):
   assert 10_000 * 10_000 > MAX_PIXELS
   with pytest.raises(ValueError, match="too large"):
     to_mnist(tmp_path / "bomb.png")
+
+
+@pytest.mark.parametrize("dtype, top", [(np.uint16, 65535), (np.uint16, 4095), (np.uint16, 250),
+                                        (np.int32, 1000), (np.float64, 1000.0)])
+def test_arrays_of_any_range_keep_their_contrast(digit, dtype, top):
+  # A 16-bit scan passed as an array was clipped to 0-255: a blank page.
+  ink, big = digit
+  scan = (page(big) * top).astype(dtype)
+  expected = to_mnist((page(big) * 255).astype(np.uint8))
+  assert similarity(to_mnist(scan), expected) > 0.98
+
+
+def test_large_jpeg_is_decoded_reduced_to_the_working_size(digit, tmp_path):
+  _, big = digit
+  photo = Image.fromarray((page(big) * 255).astype(np.uint8)).resize((4000, 4000), Image.BILINEAR)
+  photo.crop((0, 500, 4000, 3500)).save(tmp_path / "phone.jpg", quality=90)  # 12 Mpx
+  with Image.open(tmp_path / "phone.jpg") as image:
+    image.draft("L", (1000, 750))
+    assert image.size == (1000, 750)  # Pillow decodes this JPEG at 1/4 scale
+  loaded = load_image(tmp_path / "phone.jpg")
+  assert max(loaded.size) == WORK_SIDE and loaded.size == (1024, 768)
+  assert_mnist_like(to_mnist(tmp_path / "phone.jpg"))
+
+
+def test_small_file_declaring_huge_size_costs_bounded_memory(tmp_path):
+  # A 6320x6320 PNG (40 Mpx, under the bomb guard) took 6-8 s and 1.4-1.7 GB in predict. Now
+  # non-JPEG images over MAX_DECODED_PIXELS are refused from their header, before decoding, and
+  # smaller ones are shrunk to the working size before any float array exists.
+  Image.new("L", (6320, 6320), 255).save(tmp_path / "huge.png")
+  Image.new("L", (4000, 4000), 255).save(tmp_path / "big.png")
+  assert 6320 * 6320 > MAX_DECODED_PIXELS > 4000 * 4000
+  code = (
+      "import resource, sys, time\n"
+      "from flaxdigits.preprocess import to_mnist\n"
+      "t = time.perf_counter()\n"
+      "for name, expected in (('huge.png', 'too large to decode'), ('big.png', 'no digit')):\n"
+      "  try:\n"
+      "    to_mnist(sys.argv[1] + '/' + name)\n"
+      "  except ValueError as e:\n"
+      "    assert expected in str(e), e\n"
+      "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, time.perf_counter() - t)\n")
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  peak_mb, seconds = out.stdout.split()
+  assert int(peak_mb) < 400 and float(seconds) < 10, out.stdout
 
 
 @pytest.mark.parametrize("blank", [
