@@ -31,7 +31,10 @@ class ModelConfig:
     _check(all(f > 0 for f in self.conv_features + self.dense_features),
            f"layer widths must be positive, got {self.conv_features} / {self.dense_features}")
     _check(self.kernel_size in (3, 5, 7), f"kernel_size must be 3, 5 or 7, got {self.kernel_size}")
-    _check(self.num_classes >= 2, f"num_classes must be >= 2, got {self.num_classes}")
+    # Kept as a field so that every checkpoint states it; the data, the confusion matrix, the
+    # bundle and the exports are all ten-digit MNIST.
+    _check(self.num_classes == NUM_CLASSES,
+           f"num_classes must be {NUM_CLASSES} (MNIST's digits), got {self.num_classes}")
     _check(self.pool in ("avg", "max"), f"pool must be 'avg' or 'max', got {self.pool!r}")
     _check(0 <= self.dropout < 1, f"dropout must be a rate in [0, 1), got {self.dropout}")
     _check(self.norm in ("none", "batch"), f"norm must be 'none' or 'batch', got {self.norm!r}")
@@ -48,6 +51,9 @@ class ModelConfig:
 # ran 25-37% more images/s than batches of 1000 and a little more than 250: a batch's
 # activations should fit in the caches.
 EVAL_BATCH_SIZE = 500
+NUM_CLASSES = 10
+MAX_EPOCHS = 10_000
+MAX_SEED = 2**32 - 1  # JAX seeds are unsigned 32-bit
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,9 +73,16 @@ class TrainConfig:
   seed: int = 0
   steps_per_dispatch: int = 4
   eval_batch_size: int = EVAL_BATCH_SIZE
+  # The epoch at which the learning-rate schedule's one cycle (warm-up, cosine decay) begins: 0,
+  # unless a finished run was extended to more epochs, which gives the added epochs a cycle of
+  # their own (see checkpoint.resolve_resume).
+  cycle_start: int = 0
 
   def __post_init__(self):
-    _check(self.epochs >= 1, f"epochs must be >= 1, got {self.epochs}")
+    _check(1 <= self.epochs <= MAX_EPOCHS, f"epochs must be in [1, {MAX_EPOCHS}], got {self.epochs}")
+    _check(0 <= self.seed <= MAX_SEED, f"seed must be in [0, 2**32 - 1], got {self.seed}")
+    _check(0 <= self.cycle_start < self.epochs,
+           f"cycle_start must be in [0, epochs), got {self.cycle_start} with epochs={self.epochs}")
     _check(self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}")
     _check(self.learning_rate > 0, f"learning_rate must be > 0, got {self.learning_rate}")
     _check(self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
+import logging
+import math
 import os
 import socket
+import zlib
 from pathlib import Path
 
 import numpy as np
 
+from flaxdigits.config import NUM_CLASSES
+
 DATA_DIR_ENV = "FLAXDIGITS_DATA_DIR"
 SPLITS = ("train", "test")
-NUM_CLASSES = 10
 # MNIST's published counts. Files in the same format with other counts are accepted.
 SPLIT_SIZES = {"train": 60_000, "test": 10_000}
 _IDX_STEMS = {
@@ -22,6 +27,8 @@ _IDX_STEMS = {
     ("test", "labels"): "t10k-labels",
 }
 _IMAGES_MAGIC, _LABELS_MAGIC = 2051, 2049
+# The largest IDX body read: MNIST's training images are 47 MB; EMNIST-sized sets fit too.
+MAX_IDX_BYTES = 1 << 30
 _TFDS_HOST = ("storage.googleapis.com", 443)
 
 
@@ -84,30 +91,43 @@ def find_idx_file(data_dir: str | os.PathLike, split: str, kind: str) -> Path:
   raise FileNotFoundError(f"missing MNIST file {stem}-idx{ndim}-ubyte[.gz] in {root}")
 
 
-def read_idx(path: str | os.PathLike, expected_magic: int) -> np.ndarray:
-  """Reads one IDX file (gzipped or raw) into a uint8 array, validating its header and size."""
+def read_idx(path: str | os.PathLike, expected_magic: int,
+             max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
+  """Reads one IDX file (gzipped or raw) into a uint8 array, validating its header and size.
+
+  The header's shape is checked against `max_bytes` before the data is read or inflated, and no
+  more than the header promises (plus one byte, to notice trailing data) is ever inflated: a
+  small gzip that would expand to gigabytes costs nothing.
+  """
   path = Path(path)
   try:
-    raw = path.read_bytes()
-    if raw[:2] == b"\x1f\x8b":
-      raw = gzip.decompress(raw)
-  except (OSError, EOFError, gzip.BadGzipFile) as e:
+    with open(path, "rb") as raw_file:
+      gzipped = raw_file.read(2) == b"\x1f\x8b"
+      raw_file.seek(0)
+      stream = gzip.GzipFile(fileobj=raw_file) if gzipped else raw_file
+      head = stream.read(4)
+      if len(head) < 4:
+        raise ValueError(f"{path}: too short to be an IDX file ({len(head)} bytes)")
+      magic = int.from_bytes(head, "big")
+      if magic != expected_magic:
+        raise ValueError(f"{path}: bad magic number {magic}, expected {expected_magic}")
+      ndim = magic & 0xFF
+      dims = stream.read(4 * ndim)
+      if len(dims) < 4 * ndim:
+        raise ValueError(f"{path}: truncated header")
+      shape = tuple(int.from_bytes(dims[4 * i: 4 + 4 * i], "big") for i in range(ndim))
+      size = math.prod(shape)
+      if size > max_bytes:
+        raise ValueError(f"{path}: header shape {shape} declares {size:,} bytes, more than the "
+                         f"{max_bytes:,} this reader accepts")
+      body = stream.read(size + 1)
+  except (OSError, EOFError, gzip.BadGzipFile, zlib.error) as e:
     raise ValueError(f"{path}: cannot read ({e})") from None
-  if len(raw) < 4:
-    raise ValueError(f"{path}: too short to be an IDX file ({len(raw)} bytes)")
-  magic = int.from_bytes(raw[:4], "big")
-  if magic != expected_magic:
-    raise ValueError(f"{path}: bad magic number {magic}, expected {expected_magic}")
-  ndim = magic & 0xFF
-  header = 4 + 4 * ndim
-  if len(raw) < header:
-    raise ValueError(f"{path}: truncated header")
-  shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-  expected = header + int(np.prod(shape))
-  if len(raw) != expected:
-    raise ValueError(f"{path}: {len(raw)} bytes, but header shape {shape} needs {expected} "
-                     "(truncated or corrupt)")
-  return np.frombuffer(raw, np.uint8, offset=header).reshape(shape)
+  if len(body) != size:
+    header = 4 + 4 * ndim
+    raise ValueError(f"{path}: {header + len(body)}{'+' * (len(body) > size)} bytes, but header "
+                     f"shape {shape} needs {header + size} (truncated or corrupt)")
+  return np.frombuffer(body, np.uint8).reshape(shape)
 
 
 def load_idx_split(data_dir: str | os.PathLike, split: str) -> Split:
@@ -136,8 +156,23 @@ def _tfds_server_reachable(timeout: float = 3.0) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _quiet_absl(fragment: str):
+  """Drops absl log records containing `fragment` while the block runs (only those: the library
+  configures no logging)."""
+  logger = logging.getLogger("absl")
+  drop = logging.Filter()
+  drop.filter = lambda record: fragment not in record.getMessage()
+  logger.addFilter(drop)
+  try:
+    yield
+  finally:
+    logger.removeFilter(drop)
+
+
 def _import_tfds():
   """Imports TFDS with TensorFlow kept off any GPU, which belongs to JAX."""
+  os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
   try:
     import tensorflow as tf  # pylint: disable=import-outside-toplevel
     import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
@@ -152,8 +187,10 @@ def _import_tfds():
 def load_tfds_split(split: str, data_dir: str | None = None) -> Split:
   """Loads one split through tensorflow-datasets, downloading it on first use."""
   tfds = _import_tfds()
-  builder = tfds.builder("mnist", data_dir=data_dir)
-  if not builder.is_prepared() and not _tfds_server_reachable():
+  with _quiet_absl("has no dataset_info.json"):  # TFDS's own note on a dataset not yet prepared
+    builder = tfds.builder("mnist", data_dir=data_dir)
+    prepared = builder.is_prepared()
+  if not prepared and not _tfds_server_reachable():
     raise FileNotFoundError(
         "cannot download MNIST through tensorflow-datasets (no network); pass --data-dir DIR "
         f"(or set {DATA_DIR_ENV}) with the four MNIST IDX files")

@@ -49,7 +49,9 @@ class CNN(nnx.Module):
     self.denses = nnx.List([nnx.Linear(a, b, rngs=rngs) for a, b in zip(widths[:-1], widths[1:])])
     self.head = nnx.Linear(widths[-1], config.num_classes, rngs=rngs)
     self.dropout = nnx.Dropout(config.dropout)
-    self._pool = functools.partial(pool2x2, kind=config.pool)
+    # Everything static in the module is plain, value-compared data (the config is a frozen
+    # dataclass): two models of one config have equal graphdefs, so jitted functions that take
+    # the graphdef as a static argument compile once for all of them, not once per instance.
 
   def __call__(self, images_BxHxWx1: jax.Array, *, dropout_key: jax.Array | None = None,
                train: bool = False) -> jax.Array:
@@ -59,7 +61,7 @@ class CNN(nnx.Module):
       x = conv(x)
       if self.norms:
         x = self.norms[i](x, use_running_average=not train)
-      x = self._pool(nnx.relu(x))
+      x = pool2x2(nnx.relu(x), self.config.pool)
     x = x.reshape(x.shape[0], -1)
     n = len(self.denses) + 1  # the head's input is dropped out too
     dropping = dropout_key is not None and self.config.dropout

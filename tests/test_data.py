@@ -62,9 +62,27 @@ def test_truncated_file_is_rejected(tmp_path):
   with pytest.raises(ValueError, match="truncated"):
     data.read_idx(path, 2051)
   gz = tmp_path / "y.gz"
-  gz.write_bytes(gzip.compress(b"\x00" * 2000)[:30])
+  header = (2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (3, 28, 28))
+  gz.write_bytes(gzip.compress(header + bytes(range(256)) * 9)[:-40])  # cut inside the stream
   with pytest.raises(ValueError, match="y.gz: cannot read"):
     data.read_idx(gz, 2051)
+
+
+def test_idx_size_is_checked_from_the_header_before_inflating(tmp_path):
+  # A 2 MB gzip that expands to 2 GB took 4.3 GB before its error; the header says how much
+  # data follows, so the reader refuses it, or reads only that much.
+  header = (2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (2000, 1000, 1000))
+  bomb = tmp_path / "bomb-idx3-ubyte.gz"
+  bomb.write_bytes(gzip.compress(header + bytes(20_000_000), compresslevel=1))
+  assert bomb.stat().st_size < 100_000
+  with pytest.raises(ValueError, match=r"declares 2,000,000,000 bytes, more than the "
+                                       r"1,073,741,824 this reader accepts"):
+    data.read_idx(bomb, 2051)
+  small_header = (2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (3, 28, 28))
+  long = tmp_path / "long-idx3-ubyte.gz"
+  long.write_bytes(gzip.compress(small_header + bytes(20_000_000), compresslevel=1))
+  with pytest.raises(ValueError, match=r"2369\+ bytes, but header shape \(3, 28, 28\) needs 2368"):
+    data.read_idx(long, 2051)
 
 
 def test_image_label_count_mismatch_and_bad_shapes(tmp_path):
@@ -95,9 +113,11 @@ def test_tfds_path_with_mock_data(monkeypatch, tmp_path):
   assert split.labels.max() <= 9
 
 
-def test_tfds_without_network_fails_fast_pointing_to_data_dir(monkeypatch, tmp_path):
+def test_tfds_without_network_fails_fast_pointing_to_data_dir(monkeypatch, tmp_path, caplog):
   pytest.importorskip("tensorflow_datasets")
   monkeypatch.delenv(data.DATA_DIR_ENV, raising=False)
   monkeypatch.setattr(data, "_tfds_server_reachable", lambda timeout=3.0: False)
   with pytest.raises(FileNotFoundError, match="--data-dir"):
     data.load_mnist(None, ("train",), tfds_data_dir=str(tmp_path))
+  # TFDS's "Variant folder ... has no dataset_info.json" reached the user before this error.
+  assert not [r for r in caplog.records if "dataset_info" in r.getMessage()]

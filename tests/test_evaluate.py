@@ -151,3 +151,16 @@ def test_tta_averages_probabilities_over_the_shifted_views(small):
                                       rel=1e-4)
   plain = evaluate(model, test, batch_size=64, mesh=make_mesh(jax.devices()[:1]))
   assert not np.allclose(plain.confidence, result.confidence)
+
+
+def test_a_second_model_of_the_same_config_does_not_compile_again(small):
+  # The pooling function was a per-instance functools.partial in the (static) graphdef: every
+  # loaded model compiled the evaluation again and stayed in jit's cache.
+  config = ModelConfig(conv_features=(4,), dense_features=(8,))
+  split = Split(small["test"].images[:50], small["test"].labels[:50])
+  evaluate(build_model(config, seed=0), split, batch_size=50)
+  compiled = _eval_batch._cache_size()
+  other = evaluate(build_model(config, seed=1), split, batch_size=50)
+  assert _eval_batch._cache_size() == compiled
+  assert other.num_examples == 50
+

@@ -114,6 +114,7 @@ def test_build_model_inside_a_trace_gives_the_same_parameters():
     (dict(pool="median"), "pool"),
     (dict(dropout=1.0), "dropout must be a rate in \\[0, 1\\), got 1.0"),
     (dict(norm="layer"), "norm must be 'none' or 'batch', got 'layer'"),
+    (dict(num_classes=12), "num_classes must be 10 \\(MNIST's digits\\), got 12"),
 ])
 def test_bad_model_config_names_the_value(kwargs, message):
   with pytest.raises(ValueError, match=message):
@@ -121,7 +122,11 @@ def test_bad_model_config_names_the_value(kwargs, message):
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(epochs=0), "epochs must be >= 1, got 0"),
+    (dict(epochs=0), "epochs must be in \\[1, 10000\\], got 0"),
+    (dict(epochs=99999999999), "epochs must be in \\[1, 10000\\], got 99999999999"),
+    (dict(seed=2**64), "seed must be in \\[0, 2\\*\\*32 - 1\\], got 18446744073709551616"),
+    (dict(seed=-1), "seed must be in"),
+    (dict(cycle_start=3, epochs=3), "cycle_start must be in \\[0, epochs\\)"),
     (dict(batch_size=-1), "batch_size"),
     (dict(learning_rate=0), "learning_rate"),
     (dict(max_shift=9), "max_shift"),
