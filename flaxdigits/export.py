@@ -42,8 +42,12 @@ def probabilities_fn(model: Any) -> Callable[[jax.Array], jax.Array]:
 
 def export(model: Any, meta: dict[str, Any], fmt: str, path: str | os.PathLike,
            *, overwrite: bool = False) -> Exported:
-  """Writes `model` as `fmt` to `path` and its sidecar to `path` + `.json`, then runs the
-  file in its own runtime on a verification batch and checks it against JAX.
+  """Writes `model` as `fmt` to `path` and its sidecar to `path` + `.json`.
+
+  The file is written beside `path` under a temporary name, run in its own runtime on a
+  verification batch and checked against JAX; only a file that passes is moved into place (an
+  atomic rename), so `path` never holds an unchecked export and a failed export leaves nothing
+  behind.
 
   Raises:
     ValueError: unknown format, an existing file without `overwrite`, or an export that
@@ -59,12 +63,22 @@ def export(model: Any, meta: dict[str, Any], fmt: str, path: str | os.PathLike,
   path.parent.mkdir(parents=True, exist_ok=True)
   fn = probabilities_fn(model)
   data = _to_onnx(fn) if fmt == "onnx" else _to_tflite(fn)
-  _write_atomically(path, data)
-  _write_atomically(sidecar, json.dumps(contract(meta, fmt, path.name), indent=2).encode())
-  images = _verification_images()
-  diff = float(np.abs(run(path, images) - np.asarray(jax.jit(fn)(images))).max())
-  if not diff <= TOLERANCE:
-    raise ValueError(f"{path} disagrees with the JAX model by {diff:.2g} (> {TOLERANCE})")
+  # The runtime picks its loader by suffix: the temporary name keeps it.
+  staged = path.with_name(f".{path.stem}.partial{path.suffix}")
+  staged_sidecar = sidecar.with_name(f".{sidecar.name}.partial")
+  try:
+    staged.write_bytes(data)
+    staged_sidecar.write_text(json.dumps(contract(meta, fmt, path.name), indent=2))
+    images = _verification_images()
+    diff = float(np.abs(run(staged, images) - np.asarray(jax.jit(fn)(images))).max())
+    if not diff <= TOLERANCE:
+      raise ValueError(f"the {fmt} export disagrees with the JAX model by {diff:.2g} "
+                       f"(> {TOLERANCE}); nothing was written to {path}")
+    os.replace(staged, path)
+    os.replace(staged_sidecar, sidecar)
+  finally:
+    staged.unlink(missing_ok=True)
+    staged_sidecar.unlink(missing_ok=True)
   return Exported(path, sidecar, path.stat().st_size, diff)
 
 
@@ -140,14 +154,9 @@ def _to_tflite(fn) -> bytes:
 
 
 def _verification_images(n: int = 64) -> np.ndarray:
-  """Synthetic digit-like inputs: random strokes, some blank, some saturated."""
+  """Synthetic check inputs: uniform noise raised to the 4th power (mostly dark, a few bright
+  pixels, like ink on black), one blank image and one saturated."""
   rng = np.random.default_rng(0)
   images = rng.uniform(0, 1, (n, 28, 28, 1)).astype(np.float32) ** 4
   images[0], images[1] = 0.0, 1.0
   return images
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-  partial = path.with_name(path.name + ".partial")
-  partial.write_bytes(data)
-  os.replace(partial, path)

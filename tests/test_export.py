@@ -88,3 +88,19 @@ def test_cli_export_json_and_errors(tiny_checkpoint, tmp_path):
   missing = runner.invoke(app, ["export", "-c", str(tmp_path / "none"), "-f", "tflite"])
   assert missing.exit_code == 1 and "checkpoint directory not found" in missing.stderr
   assert "Traceback" not in again.output + missing.output
+
+
+def test_an_export_that_fails_its_check_leaves_nothing_behind(tiny_checkpoint, tmp_path,
+                                                               monkeypatch):
+  # The file and sidecar were written under their final names before the check, so a bad
+  # export stayed there and a retry without --force was refused as "exists".
+  model, meta = load_model(tiny_checkpoint)
+  monkeypatch.setattr(export, "TOLERANCE", -1.0)  # no export can pass
+  with pytest.raises(ValueError, match="disagrees with the JAX model .* nothing was written"):
+    export.export(model, meta, "onnx", tmp_path / "digits.onnx")
+  assert list(tmp_path.iterdir()) == []
+  monkeypatch.undo()
+  result = export.export(model, meta, "onnx", tmp_path / "digits.onnx")
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["digits.onnx", "digits.onnx.json"]
+  assert result.max_abs_diff <= export.TOLERANCE
+
