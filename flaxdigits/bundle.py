@@ -9,6 +9,7 @@ probabilities (N, 10); it is the model's own forward pass, traced and serialized
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import zipfile
@@ -20,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 
 BUNDLE_NAME = "inference.npz"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header holds each weight's digest, checked on every load
 _UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 
@@ -50,14 +51,15 @@ def write(directory: str | os.PathLike, model: Any, step: int,
   exported = jax.export.export(jax.jit(probabilities))(
       [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves],
       jax.ShapeDtypeStruct((n, 28, 28), jnp.float32))
+  weights = [np.asarray(x) for x in leaves]
   header = {"format": FORMAT_VERSION, "step": int(step), "model": model_config,
-            "num_weights": len(leaves)}
+            "num_weights": len(weights), "digests": [array_digest(w) for w in weights]}
   path = Path(directory) / BUNDLE_NAME
   partial = path.with_name(path.name + ".partial")
   with open(partial, "wb") as f:
     np.savez(f, header=_bytes(json.dumps(header).encode()),
              program=_bytes(exported.serialize()),
-             **{f"weight_{i}": np.asarray(x) for i, x in enumerate(leaves)})
+             **{f"weight_{i}": w for i, w in enumerate(weights)})
   os.replace(partial, path)
   return path
 
@@ -92,9 +94,19 @@ def load(path: str | os.PathLike) -> Bundle:
       weights = [archive[f"weight_{i}"] for i in range(header["num_weights"])]
   except _UNREADABLE as e:
     raise ValueError(f"inference bundle {path} is unreadable: {e}") from None
+  if [array_digest(w) for w in weights] != header["digests"]:
+    raise ValueError(f"inference bundle {path} is damaged: its weights differ from their digests")
   weights = jax.device_put(weights)
   call = jax.jit(exported.call)
   return Bundle(header["step"], header["model"], lambda images: call(weights, images))
+
+
+def array_digest(array: np.ndarray) -> str:
+  """sha256 of an array's dtype, shape and bytes: what checkpoints and bundles verify on load."""
+  array = np.ascontiguousarray(array)
+  h = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+  h.update(array.tobytes())
+  return h.hexdigest()
 
 
 def _header(archive) -> dict[str, Any]:

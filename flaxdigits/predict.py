@@ -48,8 +48,12 @@ class Predictor:
   or `from_model`.
   """
 
-  def __init__(self, probabilities_fn: Callable[[jax.Array], jax.Array]):
+  def __init__(self, probabilities_fn: Callable[[jax.Array], jax.Array],
+               meta: dict[str, Any] | None = None):
     self._probabilities = probabilities_fn
+    # Where the model came from: its step and, when newer steps were damaged, why they were
+    # skipped (meta["damaged"]).
+    self.meta = meta or {"damaged": []}
 
   @classmethod
   def from_model(cls, model: Any) -> "Predictor":
@@ -67,11 +71,15 @@ class Predictor:
     path = bundle.find(checkpoint_dir)
     if path is not None:
       try:
-        return cls(bundle.load(path).probabilities)
+        loaded = bundle.load(path)
+        return cls(loaded.probabilities, {"step": loaded.step, "damaged": []})
       except ValueError:
-        pass  # written by another JAX or flaxdigits version: the checkpoint itself still loads
+        pass  # damaged, or from another version: the (verified) checkpoint itself still loads
     from flaxdigits.checkpoint import load_model  # pylint: disable=import-outside-toplevel
-    return cls.from_model(load_model(checkpoint_dir)[0])
+    model, meta = load_model(checkpoint_dir)
+    predictor = cls.from_model(model)
+    predictor.meta = meta
+    return predictor
 
   def warm_up(self) -> None:
     """Compiles the smallest batch shape now rather than on the first request."""
@@ -89,9 +97,12 @@ class Predictor:
       out.append(np.asarray(self._probabilities(jnp.asarray(padded)))[:len(chunk)])
     return np.concatenate(out) if out else np.zeros((0, 10), np.float32)
 
-  def predict(self, sources: Sequence[ImageSource],
-              names: Sequence[str] | None = None) -> list[Prediction]:
-    """Preprocesses every input, then classifies all that succeeded in batched calls."""
+  def predict(self, sources: Sequence[ImageSource], names: Sequence[str] | None = None, *,
+              progress: Callable[[int], None] | None = None) -> list[Prediction]:
+    """Preprocesses every input, then classifies all that succeeded in batched calls.
+
+    progress(n), if given, is called as each input is preprocessed, with n = 1.
+    """
     names = list(names) if names is not None else [_name(s) for s in sources]
     images, errors = [], []
     for source in sources:
@@ -101,6 +112,8 @@ class Predictor:
       except (ValueError, FileNotFoundError) as e:
         images.append(None)
         errors.append(str(e))
+      if progress is not None:
+        progress(1)
     ok = [i for i, img in enumerate(images) if img is not None]
     probs = self.probabilities(np.stack([images[i] for i in ok])) if ok else []
     by_index = dict(zip(ok, probs))

@@ -54,6 +54,8 @@ class Started:
   steps_per_epoch: int
   num_params: int
   num_devices: int
+  # What a resume changed or skipped, one sentence each: an extended schedule, damaged steps.
+  notes: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +64,7 @@ class Progress:
   epoch: int  # 1-based
   loss: float  # running mean over the epoch so far
   accuracy: float
-  images_per_sec: float
+  images_per_sec: float | None  # None until measurable (the first chunk carries compilation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,14 +94,23 @@ class TrainResult:
 # ----------------------------------------------------------------------------- the step
 
 
-def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
-  """AdamW under a one-cycle schedule (linear warm-up, cosine decay) spanning all epochs."""
-  total = config.epochs * steps_per_epoch
-  schedule = optax.warmup_cosine_decay_schedule(
+def learning_rate_schedule(config: TrainConfig, steps_per_epoch: int) -> optax.Schedule:
+  """One cycle (linear warm-up, cosine decay) over the epochs from config.cycle_start (0: all of
+  them) to config.epochs; a function of the optimiser's step count."""
+  start = config.cycle_start * steps_per_epoch
+  total = (config.epochs - config.cycle_start) * steps_per_epoch
+  warmup = max(1, int(config.warmup_fraction * total))
+  cycle = optax.warmup_cosine_decay_schedule(
       init_value=config.learning_rate / 25, peak_value=config.learning_rate,
-      warmup_steps=max(1, int(config.warmup_fraction * total)), decay_steps=total,
+      warmup_steps=warmup, decay_steps=max(total, warmup + 1),  # a one-step run still decays
       end_value=config.learning_rate / 1e3)
-  return optax.adamw(schedule, weight_decay=config.weight_decay)
+  return cycle if start == 0 else (lambda count: cycle(count - start))
+
+
+def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+  """AdamW under learning_rate_schedule."""
+  return optax.adamw(learning_rate_schedule(config, steps_per_epoch),
+                     weight_decay=config.weight_decay)
 
 
 def random_shift(key: jax.Array, images_BxHxWxC: jax.Array, max_shift: int) -> jax.Array:
@@ -250,17 +261,27 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
   """Trains the CNN on data["train"], scoring data["test"] after each epoch.
 
   With checkpoint_dir, saves (state, configs, history) after every epoch, on Ctrl-C (then
-  re-raises KeyboardInterrupt) and at the end; with resume, continues from the latest checkpoint
-  there. stop_at_step ends training early at a chunk boundary, as an interruption would.
+  re-raises KeyboardInterrupt) and at the end; every save first checks that the parameters are
+  finite. A second Ctrl-C stops at once without saving, keeping the last checkpoint. With resume,
+  continues from the newest checkpoint there that reads back whole (checkpoint.resolve_resume
+  says which settings may change). stop_at_step ends training early at a chunk boundary, as an
+  interruption would.
 
   Raises:
-    FloatingPointError: the loss became non-finite (the last good checkpoint is kept).
+    FloatingPointError: the loss or the parameters became non-finite (the last good checkpoint
+      is kept).
     FileNotFoundError: resume without a checkpoint.
-    ValueError: bad config, a checkpoint written by an incompatible config, or (without
-      resume) a checkpoint_dir that already holds a checkpoint.
+    ValueError: bad config, a checkpoint written by an incompatible config or on other data,
+      (without resume) a checkpoint_dir that already holds a checkpoint, or one that cannot be
+      written.
+    OSError: a save failed (disk full, say); the checkpoints already there are kept.
   """
   from flaxdigits import checkpoint  # pylint: disable=import-outside-toplevel
   callback = callback or (lambda event: None)
+  if stop_at_step is not None and stop_at_step < 0:
+    raise ValueError(f"stop_at_step must be >= 0, got {stop_at_step}")
+  if resume and checkpoint_dir is None:
+    raise ValueError("resume needs a checkpoint directory")
   mesh = mesh or parallel.make_mesh()
   parallel.check_divisible(train_config.batch_size, mesh)
   train_split, test_split = data["train"], data.get("test")
@@ -268,118 +289,157 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
   if steps_per_epoch == 0:
     raise ValueError(f"batch_size {train_config.batch_size} exceeds the {len(train_split)} "
                      "training examples")
-  total_steps = train_config.epochs * steps_per_epoch
-  k = steps_per_dispatch(steps_per_epoch, train_config.steps_per_dispatch)
+  if train_config.epochs * steps_per_epoch > _MAX_STEPS:
+    raise ValueError(f"{train_config.epochs} epochs of {steps_per_epoch} steps is "
+                     f"{train_config.epochs * steps_per_epoch:,} steps, more than the step "
+                     f"counter holds ({_MAX_STEPS:,})")
 
-  model = build_model(model_config, seed=train_config.seed)
-  graphdef, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
-  tx = make_optimizer(train_config, steps_per_epoch)
-  state = init_state(model, tx, train_config.seed)
-  history: list[dict[str, float]] = []
-  manager = None
-  if checkpoint_dir is not None:
-    if not resume:
-      checkpoint.refuse_existing(checkpoint_dir)
-    manager = checkpoint.CheckpointManager(checkpoint_dir)
+  with contextlib.ExitStack() as cleanup:
+    manager = None
+    if checkpoint_dir is not None:
+      if not resume:
+        checkpoint.refuse_existing(checkpoint_dir)
+      manager = cleanup.enter_context(checkpoint.CheckpointManager(checkpoint_dir))
+    model = build_model(model_config, seed=train_config.seed)
+    graphdef, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
+    tx = make_optimizer(train_config, steps_per_epoch)
+    state = init_state(model, tx, train_config.seed)
+    history: list[dict[str, float]] = []
+    notes: tuple[str, ...] = ()
     if resume:
-      state, meta = manager.restore_for_resume(state, model_config, train_config)
+      state, meta, plan, skipped = checkpoint.restore_for_resume(
+          manager, state, model_config, train_config, len(train_split))
+      if plan.train_config != train_config:  # an extension: the added epochs' own cycle
+        train_config = plan.train_config
+        tx = make_optimizer(train_config, steps_per_epoch)
       history = meta["history"]
-  elif resume:
-    raise ValueError("resume needs a checkpoint directory")
-  state = parallel.replicate(state, mesh)
-  images, labels = parallel.replicate((train_split.images, train_split.labels.astype(np.int32)),
-                                      mesh)
+      notes = tuple(skipped) + ((plan.note,) if plan.note else ())
+      if skipped:
+        notes += (f"resumed from step {meta['step']}, the newest step that reads back whole; "
+                  "the damaged step folders were renamed *.damaged-*",)
+    total_steps = train_config.epochs * steps_per_epoch
+    state = parallel.replicate(state, mesh)
+    images, labels = parallel.replicate(
+        (train_split.images, train_split.labels.astype(np.int32)), mesh)
 
-  step_fn = functools.partial(train_step, graphdef, tx, train_config, parallel.batch_sharded(mesh))
-  chunk_fn = jax.jit(functools.partial(_train_chunk, step_fn, k), donate_argnums=0,
-                     compiler_options=training_compiler_options(mesh))
+    step_fn = functools.partial(train_step, graphdef, tx, train_config,
+                                parallel.batch_sharded(mesh))
+    k = steps_per_dispatch(steps_per_epoch, train_config.steps_per_dispatch)
+    chunk_fn = jax.jit(functools.partial(_train_chunk, step_fn, k), donate_argnums=0,
+                       compiler_options=training_compiler_options(mesh))
 
-  def save(state, wait=False):
-    if manager is not None:
-      manager.save(state, model_config, train_config, history)
-      if wait:
-        manager.wait()
+    def save(state):
+      if manager is None:
+        return
+      if not bool(_all_finite(state.params)):
+        raise FloatingPointError(f"parameters became non-finite by step {int(state.step)}; "
+                                 "lower --lr (the last good checkpoint is kept)")
+      manager.save(state, model_config, train_config, history, train_examples=len(train_split))
 
-  start_step = int(state.step)
-  end_step = min(total_steps, stop_at_step or total_steps)
-  callback(Started(start_step, total_steps, steps_per_epoch, count_params(model), mesh.size))
-  test_result = None
-  cleanup = contextlib.ExitStack()
-  interrupted = cleanup.enter_context(_deferred_interrupt())
-  try:
-    for epoch in range(start_step // steps_per_epoch, math.ceil(end_step / steps_per_epoch)):
-      perm = epoch_permutation(state.key, epoch, n=len(train_split), steps=steps_per_epoch,
-                               batch_size=train_config.batch_size)
-      first = max(start_step, epoch * steps_per_epoch) - epoch * steps_per_epoch
-      last = min(end_step - epoch * steps_per_epoch, steps_per_epoch)
-      t_epoch = time.perf_counter()
-      sums = {"loss_sum": 0.0, "correct": 0, "count": 0}
-      pending, t_rate, rate_images = None, None, 0
-      for start in range(first, last, k):
-        state, metrics = chunk_fn(state, images, labels, perm, start)
-        if interrupted.is_set():
+    start_step = int(state.step)
+    end_step = total_steps if stop_at_step is None else min(total_steps, stop_at_step)
+    interrupted = cleanup.enter_context(_deferred_interrupt())
+    callback(Started(start_step, total_steps, steps_per_epoch, count_params(model), mesh.size,
+                     notes))
+    test_result = None
+    compiled = False  # the process's first chunk carries compilation: rates start after it
+    pending = None
+    try:
+      for epoch in range(start_step // steps_per_epoch, math.ceil(end_step / steps_per_epoch)):
+        perm = epoch_permutation(state.key, epoch, n=len(train_split), steps=steps_per_epoch,
+                                 batch_size=train_config.batch_size)
+        first = max(start_step, epoch * steps_per_epoch) - epoch * steps_per_epoch
+        last = min(end_step - epoch * steps_per_epoch, steps_per_epoch)
+        t_epoch = time.perf_counter()
+        sums = {"loss_sum": 0.0, "correct": 0, "count": 0}
+        pending, t_rate, rate_images = None, (t_epoch if compiled else None), 0
+        for start in range(first, last, k):
+          state, metrics = chunk_fn(state, images, labels, perm, start)
+          if pending is not None:  # read the previous chunk's metrics while this one runs
+            _accumulate(sums, pending, epoch * steps_per_epoch + start)
+            now = time.perf_counter()
+            if t_rate is None:  # time from the end of the compiling chunk
+              t_rate, compiled = now, True
+            else:
+              rate_images += k * train_config.batch_size
+            callback(Progress(epoch * steps_per_epoch + start, epoch + 1,
+                              sums["loss_sum"] / sums["count"], sums["correct"] / sums["count"],
+                              rate_images / (now - t_rate) if rate_images else None))
+          pending = metrics
+          if interrupted.is_set():
+            raise KeyboardInterrupt
+        if pending is not None:
+          _accumulate(sums, pending, epoch * steps_per_epoch + last)  # waits for the last chunk
+          pending, compiled = None, True
+        train_seconds = time.perf_counter() - t_epoch
+        if last < steps_per_epoch:  # stopped early, mid-epoch
+          break
+        record = {"epoch": epoch + 1, "step": int(state.step),
+                  "train_loss": sums["loss_sum"] / max(sums["count"], 1),
+                  "train_accuracy": sums["correct"] / max(sums["count"], 1),
+                  "train_seconds": train_seconds}
+        if evaluate_each_epoch and test_split is not None:
+          test_result = evaluate(nnx.merge(graphdef, *state.variables()), test_split,
+                                 batch_size=train_config.eval_batch_size, mesh=mesh)
+          record |= {"test_loss": test_result.loss, "test_accuracy": test_result.accuracy}
+        record["seconds"] = time.perf_counter() - t_epoch
+        history.append(record)
+        callback(EpochEnd(record))
+        save(state)
+        if interrupted.is_set():  # Ctrl-C during evaluation or the save
           raise KeyboardInterrupt
-        if pending is not None:  # read the previous chunk's metrics while this one runs
-          _accumulate(sums, pending, epoch * steps_per_epoch + start)
-          now = time.perf_counter()
-          if t_rate is None:  # the first chunk carries compilation: time from its end
-            t_rate = now
-          rate = rate_images / (now - t_rate) if now > t_rate else 0.0
-          rate_images += k * train_config.batch_size
-          callback(Progress(epoch * steps_per_epoch + start, epoch + 1,
-                            sums["loss_sum"] / sums["count"], sums["correct"] / sums["count"],
-                            rate))
-        pending = metrics
-      if pending is not None:
-        _accumulate(sums, pending, epoch * steps_per_epoch + last)  # waits for the last chunk
-      train_seconds = time.perf_counter() - t_epoch
-      if last < steps_per_epoch:  # stopped early, mid-epoch
-        break
-      record = {"epoch": epoch + 1, "step": int(state.step),
-                "train_loss": sums["loss_sum"] / max(sums["count"], 1),
-                "train_accuracy": sums["correct"] / max(sums["count"], 1),
-                "train_seconds": train_seconds}
-      if evaluate_each_epoch and test_split is not None:
-        test_result = evaluate(nnx.merge(graphdef, *state.variables()), test_split,
-                               batch_size=train_config.eval_batch_size, mesh=mesh)
-        record |= {"test_loss": test_result.loss, "test_accuracy": test_result.accuracy}
-      record["seconds"] = time.perf_counter() - t_epoch
-      history.append(record)
-      callback(EpochEnd(record))
-      save(state)
-      if interrupted.is_set():  # Ctrl-C during evaluation
-        raise KeyboardInterrupt
-  except KeyboardInterrupt:
-    save(state, wait=True)
-    raise
-  finally:
-    cleanup.close()
-    if manager is not None:
-      manager.wait()
-  save(state, wait=True)
-  if manager is not None:
-    manager.close()
+    except KeyboardInterrupt:
+      # Save only a state that is whole and checked: after a second Ctrl-C the interrupt may have
+      # struck inside a dispatch, after the state's buffers were donated.
+      if not interrupted.forced and not _donated(state):
+        if pending is not None:
+          _accumulate({"loss_sum": 0.0, "correct": 0, "count": 0}, pending, int(state.step))
+        save(state)
+      raise
+    save(state)
   return TrainResult(nnx.merge(graphdef, *jax.device_get(state.variables())), state, history,
                      test_result)
 
 
+# The step counter is an int32 array.
+_MAX_STEPS = 2**31 - 1
+
+
+@jax.jit
+def _all_finite(tree: PyTree) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+def _donated(state: TrainState) -> bool:
+  return any(x.is_deleted() for x in jax.tree.leaves(state) if isinstance(x, jax.Array))
+
+
+class _Interrupts(threading.Event):
+  """Set by the first Ctrl-C; `forced` once a second one has interrupted whatever ran."""
+
+  forced = False
+
+
 @contextlib.contextmanager
 def _deferred_interrupt():
-  """Turns the first Ctrl-C into a flag checked between dispatches.
+  """Turns the first Ctrl-C into a flag checked between dispatches; a second one raises
+  KeyboardInterrupt at once (a long compilation stays interruptible) and marks the flag forced.
 
   A KeyboardInterrupt raised inside a dispatch could strike after the state's buffers were
-  donated and before the new state exists, leaving nothing to save. A second Ctrl-C interrupts
-  at once. Only the main thread can own signal handlers; elsewhere this does nothing.
+  donated and before the new state exists, leaving nothing to save. Only the main thread can own
+  signal handlers; elsewhere this does nothing.
   """
-  flag = threading.Event()
+  flag = _Interrupts()
   if threading.current_thread() is not threading.main_thread():
     yield flag
     return
   previous = signal.getsignal(signal.SIGINT)
 
   def handler(signum, frame):
+    if flag.is_set():
+      flag.forced = True
+      raise KeyboardInterrupt
     flag.set()
-    signal.signal(signal.SIGINT, previous)
 
   signal.signal(signal.SIGINT, handler)
   try:

@@ -246,3 +246,105 @@ def test_random_affine_is_identity_at_zero_and_keeps_ink_otherwise():
   cx = (moved[..., 0] * xs).sum((1, 2)) / moved[..., 0].sum((1, 2))
   assert np.all(np.abs(cy - 13.5) <= 3) and np.all(np.abs(cx - 13.5) <= 3)
   assert np.std(cy) > 0.3  # each image gets its own transform
+
+
+def test_a_ctrl_c_never_saves_non_finite_parameters(small, tmp_path, monkeypatch):
+  # The interrupt was raised before the pending chunk's loss was checked, so a diverging run
+  # could save NaN weights as "latest". Here the loss turns NaN from step 8 on, and Ctrl-C
+  # arrives right after the first such chunk is dispatched.
+  import os
+  import signal
+  tiny_train(small, epochs=2, checkpoint_dir=tmp_path, stop_at_step=8)
+  good, _ = load_model(tmp_path)
+  real = train_lib.cross_entropy
+
+  def ctrl_c_once(event, sent=[]):
+    if isinstance(event, train_lib.Started) and not sent:
+      sent.append(os.kill(os.getpid(), signal.SIGINT))
+
+  monkeypatch.setattr(train_lib, "cross_entropy", lambda *a: real(*a) * np.nan)
+  with pytest.raises(FloatingPointError, match="non-finite"):
+    tiny_train(small, epochs=2, checkpoint_dir=tmp_path, resume=True, callback=ctrl_c_once)
+  assert CheckpointManager(tmp_path).latest_step() == 8
+  assert_trees_equal(jax.tree.leaves(good), jax.tree.leaves(load_model(tmp_path)[0]))
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(small, tmp_path):
+  import os
+  import signal
+  presses = []
+
+  def ctrl_c_twice(event):
+    if isinstance(event, train_lib.EpochEnd) and event.record["epoch"] == 1:
+      presses.append(os.kill(os.getpid(), signal.SIGINT))  # sets the flag
+      presses.append(os.kill(os.getpid(), signal.SIGINT))  # raises here, before the save
+
+  with pytest.raises(KeyboardInterrupt):
+    tiny_train(small, epochs=3, checkpoint_dir=tmp_path, callback=ctrl_c_twice)
+  assert len(presses) == 1  # the second press interrupted the callback itself
+  assert CheckpointManager(tmp_path, read_only=True).latest_step() is None  # nothing half-saved
+  # and the handler is gone again: a press now is a plain KeyboardInterrupt
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_stop_at_step_zero_trains_nothing(small, tmp_path):
+  events = []
+  result = tiny_train(small, epochs=1, checkpoint_dir=tmp_path, stop_at_step=0,
+                      callback=events.append)
+  assert int(result.state.step) == 0 and result.history == []
+  assert not [e for e in events if isinstance(e, train_lib.Progress)]
+  with pytest.raises(ValueError, match="stop_at_step must be >= 0"):
+    tiny_train(small, epochs=1, stop_at_step=-1)
+
+
+def test_a_batch_as_large_as_the_data_trains(small):
+  # One step per epoch: the schedule's decay used to be empty ("requires positive decay_steps").
+  result = tiny_train(small, epochs=1, batch_size=512)
+  assert int(result.state.step) == 1
+
+
+def test_progress_rate_is_never_a_false_zero(small):
+  events = []
+  tiny_train(small, epochs=2, steps_per_dispatch=1, callback=events.append)
+  rates = [(e.epoch, e.images_per_sec) for e in events if isinstance(e, train_lib.Progress)]
+  first_of = {epoch: rate for epoch, rate in reversed(rates)}
+  assert first_of[1] is None  # the first chunk carries compilation: no rate yet
+  assert first_of[2] > 0  # later epochs have one from their first update
+  assert all(rate is None or rate > 0 for _, rate in rates)
+
+
+def _learning_rate(config, steps_per_epoch, step):
+  return float(train_lib.learning_rate_schedule(config, steps_per_epoch)(step))
+
+
+def test_resume_keeps_the_schedule_and_extends_only_a_finished_run(small, tmp_path):
+  from flaxdigits.checkpoint import resume_configs
+  tiny_train(small, epochs=2, checkpoint_dir=tmp_path, stop_at_step=4)  # interrupted mid-run
+  with pytest.raises(ValueError, match="stopped at step 4, before its end; resume it with its own "
+                                       "2 epochs"):
+    tiny_train(small, epochs=3, checkpoint_dir=tmp_path, resume=True)
+  finished = tiny_train(small, epochs=2, checkpoint_dir=tmp_path, resume=True)
+  assert int(finished.state.step) == 16
+  with pytest.raises(ValueError, match="already finished 2 epochs"):
+    resume_configs(tmp_path, epochs=1)
+  plan = resume_configs(tmp_path, epochs=4)
+  assert plan.train_config.cycle_start == 2 and "epochs 3-4 get a learning-rate cycle" in plan.note
+  events = []
+  extended = tiny_train(small, epochs=4, checkpoint_dir=tmp_path, resume=True,
+                        callback=events.append)
+  assert [h["epoch"] for h in extended.history] == [1, 2, 3, 4]
+  assert int(extended.state.step) == 32
+  assert any("learning-rate cycle" in n for n in events[0].notes)
+  # The added epochs' cycle starts at its warm-up value, not mid-way down a 4-epoch cosine.
+  config = plan.train_config
+  assert _learning_rate(config, 8, 16) == pytest.approx(config.learning_rate / 25, rel=0.05)
+  assert _learning_rate(config, 8, 31) < config.learning_rate / 10
+
+
+def test_resume_on_other_data_is_refused(small, tmp_path):
+  tiny_train(small, epochs=2, checkpoint_dir=tmp_path, stop_at_step=4)
+  fewer = {"train": Split(small["train"].images[:256], small["train"].labels[:256]),
+           "test": small["test"]}
+  with pytest.raises(ValueError, match="trained on 512 training images, this data has 256"):
+    tiny_train(fewer, epochs=2, checkpoint_dir=tmp_path, resume=True)
+
