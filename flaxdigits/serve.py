@@ -6,9 +6,13 @@ through exactly the preprocessing of `digits predict` (`Predictor.predict`).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import concurrent.futures
 import io
+import os
+import threading
 from importlib import resources
 from typing import Any
 
@@ -25,6 +29,11 @@ from flaxdigits.predict import Predictor
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 REQUEST_TIMEOUT_S = 10.0
+# Requests admitted to preprocessing and the model at once, queued or running; more get 503.
+MAX_PENDING = 64
+# Connections that have not sent complete request headers within this long are closed.
+HEADER_TIMEOUT_S = 10.0
+MAX_CONNECTIONS = 1000
 _WEB = resources.files("flaxdigits") / "web"
 # Everything the page needs comes from this app: no CDNs, no inline script.
 _SECURITY_HEADERS = {
@@ -109,7 +118,10 @@ async def _image_bytes(request: Request) -> bytes:
     return await upload.read()
   if content_type.startswith("application/json"):
     try:
-      payload = await request.json()
+      try:
+        payload = await request.json()
+      except RecursionError:  # [[[[... nested past Python's limit
+        raise ValueError from None
       data_url = payload["image"]
       header, _, encoded = data_url.partition(",")
       if not header.startswith("data:image/") or ";base64" not in header:
@@ -121,20 +133,64 @@ async def _image_bytes(request: Request) -> bytes:
                    "data URL")
 
 
+class _Busy(Exception):
+  pass
+
+
+class WorkPool:
+  """Runs predictions on a few threads, admitting at most `max_pending` queued or running.
+
+  A request that times out cancels its work if it has not started; work already running
+  finishes (it is bounded: preprocessing decodes at most preprocess.MAX_DECODED_PIXELS) and
+  keeps its slot until then, so abandoned work can never pile up beyond the bound.
+  """
+
+  def __init__(self, threads: int, max_pending: int):
+    self._executor = concurrent.futures.ThreadPoolExecutor(
+        threads, thread_name_prefix="flaxdigits-predict")
+    self._slots = threading.BoundedSemaphore(max_pending)
+
+  async def run(self, fn, *args):
+    if not self._slots.acquire(blocking=False):
+      raise _Busy
+    try:
+      future = self._executor.submit(fn, *args)
+    except BaseException:
+      self._slots.release()
+      raise
+    future.add_done_callback(lambda _: self._slots.release())
+    try:
+      return await asyncio.wrap_future(future)
+    except asyncio.CancelledError:
+      future.cancel()  # a queued job never starts; a running one finishes, holding its slot
+      raise
+
+  def shutdown(self) -> None:
+    self._executor.shutdown(wait=False, cancel_futures=True)
+
+
 def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                timeout_s: float = REQUEST_TIMEOUT_S, info: dict[str, Any] | None = None,
-               ) -> ASGIApp:
-  """The web app over `predictor`, compiled for one image before it answers anything."""
-  if max_upload_bytes < 1 or timeout_s <= 0:
-    raise ValueError(f"the upload limit and the timeout must be positive, got "
-                     f"{max_upload_bytes} bytes and {timeout_s} s")
+               threads: int | None = None, max_pending: int = MAX_PENDING) -> ASGIApp:
+  """The web app over `predictor`, compiled for one image before it answers anything.
+
+  Predictions run on `threads` worker threads (default: one per core); beyond `max_pending`
+  requests queued or running, the app answers 503 with Retry-After rather than queueing.
+  """
+  if max_upload_bytes < 1 or timeout_s <= 0 or max_pending < 1 or (threads or 1) < 1:
+    raise ValueError(f"the upload limit, timeout, threads and pending limit must be positive, "
+                     f"got {max_upload_bytes} bytes, {timeout_s} s, {threads} and {max_pending}")
   predictor.warm_up()
-  app = FastAPI(title="flaxdigits", docs_url=None, redoc_url=None, openapi_url=None)
+  pool = WorkPool(threads or os.cpu_count() or 1, max_pending)
+  app = FastAPI(title="flaxdigits", docs_url=None, redoc_url=None, openapi_url=None,
+                on_shutdown=[pool.shutdown])
   app.mount("/static", StaticFiles(directory=str(_WEB / "static")), name="static")
 
   @app.exception_handler(HTTPException)
   async def http_error(_, exc: HTTPException):
-    return _error(exc.status_code, exc.detail if isinstance(exc.detail, str) else "error")
+    response = _error(exc.status_code, exc.detail if isinstance(exc.detail, str) else "error")
+    response.headers.update(exc.headers or {})  # 405's Allow, say
+    return response
 
   @app.exception_handler(RequestValidationError)
   async def validation_error(_, exc):
@@ -157,9 +213,11 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
     try:
       with anyio.fail_after(timeout_s):
         data = await _image_bytes(request)
-        # Abandoned on timeout: the client gets its answer; the thread finishes on its own.
-        [result] = await anyio.to_thread.run_sync(predictor.predict, [data],
-                                                  abandon_on_cancel=True)
+        [result] = await pool.run(predictor.predict, [data])
+    except _Busy:
+      response = _error(503, "server busy; retry in a moment")
+      response.headers["retry-after"] = "1"
+      return response
     except TimeoutError:
       return _error(504, "request timed out")
     except _BodyTooLarge:
@@ -173,3 +231,46 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
             "probabilities": result.probabilities, "preprocessed": _png_data_url(result.image)}
 
   return LimitsMiddleware(app, max_upload_bytes)
+
+
+def guarded_http_protocol(header_timeout_s: float = HEADER_TIMEOUT_S,
+                          max_connections: int = MAX_CONNECTIONS) -> type:
+  """uvicorn's h11 protocol, closing connections that do not finish their request headers in
+  time and refusing connections beyond `max_connections`.
+
+  uvicorn times out idle keep-alive connections, but not a new connection that never completes
+  its headers: 20,000 such connections exhausted the file descriptors of an unguarded server.
+  Pass the class as `uvicorn.Config(http=...)`.
+  """
+  import h11  # pylint: disable=import-outside-toplevel
+  from uvicorn.protocols.http.h11_impl import H11Protocol  # pylint: disable=import-outside-toplevel
+
+  class GuardedH11Protocol(H11Protocol):
+
+    def connection_made(self, transport) -> None:
+      super().connection_made(transport)
+      self._header_timer = None
+      if len(self.connections) > max_connections:
+        transport.close()
+        return
+      self._arm_header_timer()
+
+    def on_response_complete(self) -> None:
+      super().on_response_complete()
+      self._arm_header_timer()  # the next request's headers get the same time
+
+    def _arm_header_timer(self) -> None:
+      if self._header_timer is not None:
+        self._header_timer.cancel()
+      self._header_timer = self.loop.call_later(header_timeout_s, self._headers_overdue)
+
+    def _headers_overdue(self) -> None:
+      if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+        self.transport.close()  # no complete request headers in time
+
+    def connection_lost(self, exc) -> None:
+      if getattr(self, "_header_timer", None) is not None:
+        self._header_timer.cancel()
+      super().connection_lost(exc)
+
+  return GuardedH11Protocol

@@ -111,15 +111,16 @@ def real_checkpoint(mnist_args, tmp_path_factory):
 
 
 @contextlib.contextmanager
-def serving(app):
-  """Runs an ASGI app under uvicorn in a thread on a free loopback port; yields its base URL."""
+def serving(app, **config):
+  """Runs an ASGI app under uvicorn (uvicorn.Config options in `config`) in a thread on a free
+  loopback port; yields its base URL."""
   import socket
   import threading
   import time
 
   import uvicorn
   sock = socket.create_server(("127.0.0.1", 0))
-  server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+  server = uvicorn.Server(uvicorn.Config(app, log_level="warning", **config))
   thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
   thread.start()
   while not server.started:
