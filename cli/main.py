@@ -9,11 +9,12 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
 
+from flaxdigits.cli.render import message  # Rich alone: no JAX at start-up
 from flaxdigits.config import EVAL_BATCH_SIZE  # plain Python: no JAX at start-up
 
 app = typer.Typer(help="Handwritten digit recognition with JAX and Flax NNX.",
@@ -53,11 +54,34 @@ def _user_errors():
   try:
     yield
   except (ValueError, FileNotFoundError, FloatingPointError, OSError) as e:
-    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
-    raise typer.Exit(1) from None
+    _fail(e)
+
+
+def _fail(text: object) -> NoReturn:
+  """One red line on stderr (the text shown as it is, never as markup), then exit code 1."""
+  err.print(message("error", "bold red", text), highlight=False, soft_wrap=True)
+  raise typer.Exit(1)
+
+
+def _warn_damaged(meta: dict) -> None:
+  for line in meta.get("damaged", []):
+    err.print(message("warning", "yellow", f"{line}; using step {meta['step']}"),
+              highlight=False, soft_wrap=True)
+
+
+# More devices than this per core only costs memory: each is a thread pool and its buffers.
+_DEVICES_PER_CORE = 4
 
 
 def _setup_jax(cpu_devices: int) -> None:
+  cores = os.cpu_count() or 1
+  if cpu_devices > max(8, _DEVICES_PER_CORE * cores):
+    raise typer.BadParameter(f"{cpu_devices} devices on {cores} CPU cores; use at most "
+                             f"{max(8, _DEVICES_PER_CORE * cores)}", param_hint="--cpu-devices")
+  import logging  # pylint: disable=import-outside-toplevel
+  # Orbax logs its worker threads' failures (with tracebacks) through absl; every failure also
+  # reaches the command as an exception, which becomes its one error line.
+  logging.getLogger("absl").setLevel(logging.CRITICAL)
   import jax  # pylint: disable=import-outside-toplevel
   from flaxdigits import parallel  # pylint: disable=import-outside-toplevel
   parallel.split_cpu_into_devices(cpu_devices or None)
@@ -119,7 +143,6 @@ def train(
   """Train the CNN on MNIST, evaluating on the test set after every epoch."""
   _setup_jax(cpu_devices)
   from flaxdigits import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
-  from flaxdigits.config import ModelConfig, TrainConfig  # pylint: disable=import-outside-toplevel
   from flaxdigits.config import preset as preset_configs  # pylint: disable=import-outside-toplevel
   from flaxdigits.training import train as train_fn  # pylint: disable=import-outside-toplevel
   console = err if json_out else Console()
@@ -132,9 +155,8 @@ def train(
       if preset is not None or model_given:
         dropped = ["--preset"] * (preset is not None) + [f"--{k}" for k in model_given]
         raise ValueError(f"--resume keeps the checkpoint's own recipe; drop {' '.join(dropped)}")
-      meta = ckpt_lib.CheckpointManager(checkpoint, read_only=True).read_meta()
-      model_config = ModelConfig.from_dict(meta["model"])
-      train_config = TrainConfig.from_dict(meta["train"] | given)
+      plan = ckpt_lib.resume_configs(checkpoint, **given)  # the run's own recipe, checked
+      model_config, train_config = plan.model_config, plan.train_config
     else:
       ckpt_lib.refuse_existing(checkpoint)  # before loading any data
       model_config, recipe = preset_configs((preset or Preset.default).value)
@@ -146,16 +168,23 @@ def train(
         result = train_fn(data, model_config, train_config, checkpoint_dir=str(checkpoint),
                           resume=resume, callback=display)
     except KeyboardInterrupt:
-      step = ckpt_lib.CheckpointManager(checkpoint, read_only=True).latest_step()
-      err.print(f"[yellow]interrupted[/]: checkpoint at step {step} in {checkpoint}/; "
-                "continue with --resume")
+      with ckpt_lib.CheckpointManager(checkpoint, read_only=True) as manager:
+        step = manager.latest_step()
+      if step is None:
+        err.print(message("interrupted", "yellow", "before the first checkpoint was saved; "
+                          "nothing to resume"), highlight=False, soft_wrap=True)
+      else:
+        err.print(message("interrupted", "yellow", f"checkpoint at step {step} in "
+                          f"{checkpoint}/; continue with --resume"), highlight=False,
+                  soft_wrap=True)
       raise typer.Exit(130) from None
   if json_out:
     print(json.dumps({"checkpoint": str(checkpoint), "step": int(result.state.step),
                       "history": result.history,
                       "test": result.test.to_dict() if result.test else None}))
   elif not quiet:
-    console.print(f"saved checkpoint to {checkpoint}/ (step {int(result.state.step)})")
+    console.print(f"saved checkpoint to {checkpoint}/ (step {int(result.state.step)})",
+                  markup=False, highlight=False)
 
 
 def _render_training(console: Console, epochs: int, quiet: bool):
@@ -195,7 +224,7 @@ def eda(
   for s in summaries:
     for line in render.summary_lines(s):
       console.print(line)
-  console.print(f"figures: {', '.join(str(p) for p in written)}", soft_wrap=True)
+  console.print(f"figures: {', '.join(str(p) for p in written)}", soft_wrap=True, markup=False)
 
 
 @app.command("eval")
@@ -221,6 +250,7 @@ def eval_(
   console = err if json_out else Console()
   with _user_errors():
     model, meta = load_model(checkpoint)
+    _warn_damaged(meta)
     test = _load_data(data_dir, ("test",), console)["test"]
     result = evaluate(model, test, batch_size=batch_size, tta=tta)
     written = []
@@ -239,11 +269,15 @@ def eval_(
   if report is not None:
     console.print(render.per_class_table(result.per_class()))
     console.print(render.confused_pairs_table(result.most_confused()))
-    console.print(f"figures: {', '.join(str(p) for p in written)}", soft_wrap=True)
-  console.print(f"checkpoint {checkpoint}/ step {meta['step']}"
-                f"{' with test-time augmentation' if tta else ''}: [bold]accuracy "
-                f"{100 * result.accuracy:.2f}%[/] ({int(result.confusion_matrix.trace())}/"
-                f"{result.num_examples}), mean loss {result.loss:.4f}")
+    console.print(f"figures: {', '.join(str(p) for p in written)}", soft_wrap=True,
+                  markup=False)
+  from rich.text import Text  # pylint: disable=import-outside-toplevel
+  console.print(Text.assemble(
+      f"checkpoint {checkpoint}/ step {meta['step']}"
+      f"{' with test-time augmentation' if tta else ''}: ",
+      (f"accuracy {100 * result.accuracy:.2f}%", "bold"),
+      f" ({int(result.confusion_matrix.trace())}/{result.num_examples}), mean loss "
+      f"{result.loss:.4f}"))
 
 
 @app.command()
@@ -265,9 +299,11 @@ def predict(
   console = err if json_out else Console()
   with _user_errors():
     predictor = Predictor.from_checkpoint(checkpoint)
+    _warn_damaged(predictor.meta)
     files = expand_paths(paths)
-    with console.status(f"recognising {len(files)} image(s)"):
-      results = predictor.predict(files)
+    from flaxdigits.cli.render import counting_progress  # pylint: disable=import-outside-toplevel
+    with counting_progress(console, "recognising", len(files)) as advance:
+      results = predictor.predict(files, progress=advance)
     if save_preprocessed is not None:
       _save_preprocessed(results, save_preprocessed)
   if json_out:
@@ -277,7 +313,8 @@ def predict(
     console.print(predictions_table(results, top_k))
   failed = [r for r in results if r.error]
   for r in failed:
-    err.print(f"[bold red]error:[/] {r.source}: {r.error}", highlight=False, soft_wrap=True)
+    err.print(message("error", "bold red", f"{r.source}: {r.error}"), highlight=False,
+              soft_wrap=True)
   if failed:
     raise typer.Exit(1)
 
@@ -295,28 +332,29 @@ def serve(
     import uvicorn  # pylint: disable=import-outside-toplevel
     from flaxdigits import serve as serve_lib  # pylint: disable=import-outside-toplevel
   except ImportError as e:
-    err.print(f"[bold red]error:[/] digits serve needs the serve extra ({e.name} is missing): "
-              "pip install 'flaxdigits[serve]'", highlight=False, soft_wrap=True)
-    raise typer.Exit(1) from None
+    _fail(f"digits serve needs the serve extra ({e.name} is missing): "
+          "pip install 'flaxdigits[serve]'")
   import socket  # pylint: disable=import-outside-toplevel
   try:  # bound before the model loads, so a busy port fails at once
     sock = socket.create_server((host, port))
   except OSError as e:
-    err.print(f"[bold red]error:[/] cannot serve on {host}:{port}: {e.strerror or e}",
-              highlight=False)
-    raise typer.Exit(1) from None
+    _fail(f"cannot serve on {host}:{port}: {e.strerror or e}")
   _setup_jax(1)
   from flaxdigits.predict import Predictor  # pylint: disable=import-outside-toplevel
   with _user_errors():
     with err.status(f"loading and compiling the model from {checkpoint}/"):
-      app_ = serve_lib.create_app(Predictor.from_checkpoint(checkpoint),
-                                  max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+      predictor = Predictor.from_checkpoint(checkpoint)
+      app_ = serve_lib.create_app(predictor, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                                   info={"checkpoint": str(checkpoint)})
+  _warn_damaged(predictor.meta)
   bound_host, bound_port = sock.getsockname()[:2]
-  err.print(f"flaxdigits is serving [bold]http://{bound_host}:{bound_port}/[/] "
-            "(Ctrl-C stops it)", highlight=False)
+  from rich.text import Text  # pylint: disable=import-outside-toplevel
+  err.print(Text.assemble("flaxdigits is serving ", (f"http://{bound_host}:{bound_port}/", "bold"),
+                          " (Ctrl-C stops it)"), highlight=False)
+  # Connections that never finish their headers are closed, and at most MAX_CONNECTIONS are
+  # open at once; exposed beyond loopback, run it behind a reverse proxy (README).
   config = uvicorn.Config(app_, log_level="warning", timeout_keep_alive=5,
-                          timeout_graceful_shutdown=5)
+                          timeout_graceful_shutdown=5, http=serve_lib.guarded_http_protocol())
   uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -343,10 +381,8 @@ def export_(
   import importlib.util  # pylint: disable=import-outside-toplevel
   missing = [m for m in _EXPORT_NEEDS[fmt] if importlib.util.find_spec(m) is None]
   if missing:
-    err.print(f"[bold red]error:[/] digits export --format {fmt.value} needs "
-              f"{', '.join(missing)}: pip install 'flaxdigits[export]'", highlight=False,
-              soft_wrap=True)
-    raise typer.Exit(1)
+    _fail(f"digits export --format {fmt.value} needs {', '.join(missing)}: "
+          "pip install 'flaxdigits[export]'")
   _setup_jax(1)
   from flaxdigits import export as export_lib  # pylint: disable=import-outside-toplevel
   from flaxdigits.checkpoint import load_model  # pylint: disable=import-outside-toplevel
@@ -354,6 +390,7 @@ def export_(
   console = err if json_out else Console()
   with _user_errors():
     model, meta = load_model(checkpoint)
+    _warn_damaged(meta)
     with (console.status(f"exporting to {out} and checking it in its runtime"),
           _native_logs_hidden()):
       result = export_lib.export(model, meta, fmt.value, out, overwrite=force)
@@ -362,7 +399,8 @@ def export_(
                       "size_bytes": result.size_bytes, "max_abs_diff": result.max_abs_diff}))
     return
   console.print(f"wrote {result.path} ({result.size_bytes / 1e6:.2f} MB) and {result.sidecar}; "
-                f"matches JAX within {result.max_abs_diff:.1e} on a check batch", highlight=False)
+                f"matches JAX within {result.max_abs_diff:.1e} on a check batch", highlight=False,
+                markup=False)
 
 
 def _save_preprocessed(results, folder: Path) -> None:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Callable, Iterator
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
@@ -10,6 +11,17 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgre
 from rich import box
 from rich.table import Table
 from rich.text import Text
+
+
+def plain(text: object) -> Text:
+  """Text from outside (file names, error messages) shown as it is: never read as Rich markup,
+  and with control characters (ESC sequences, say) made visible instead of sent to the terminal."""
+  return Text("".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in str(text)))
+
+
+def message(label: str, style: str, text: object) -> Text:
+  """`label: text` with the label styled and the text plain."""
+  return Text.assemble((f"{label}:", style), " ", plain(text))
 
 
 def format_epoch(record: dict[str, Any], epochs: int) -> str:
@@ -35,7 +47,7 @@ class TrainingDisplay:
           TextColumn("[bold blue]epoch {task.fields[epoch]}/" + str(self.epochs)),
           BarColumn(), MofNCompleteColumn(),
           TextColumn("loss {task.fields[loss]:.4f}  acc {task.fields[acc]:6.2%}  "
-                     "{task.fields[rate]:,.0f} img/s"),
+                     "{task.fields[rate]} img/s"),
           TimeElapsedColumn(), TimeRemainingColumn(),
           console=self.console, transient=True, refresh_per_second=4)
       self._progress.__enter__()
@@ -47,22 +59,37 @@ class TrainingDisplay:
 
   def __call__(self, event) -> None:
     from flaxdigits import training  # pylint: disable=import-outside-toplevel
+    if isinstance(event, training.Started) and self.quiet:
+      for note in event.notes:  # what a resume changed is said even in quiet mode
+        self.console.print(message("note", "yellow", note), soft_wrap=True)
     if self.quiet:
       return
     if isinstance(event, training.Started):
+      for note in event.notes:
+        self.console.print(message("note", "yellow", note), soft_wrap=True)
       self.console.print(
           f"CNN with {event.num_params:,} parameters on {event.num_devices} device(s); "
           f"{event.steps_per_epoch} steps/epoch, step {event.start_step} of {event.total_steps}")
       self._task = self._progress.add_task("train", total=event.total_steps,
                                            completed=event.start_step, epoch=1 +
                                            event.start_step // event.steps_per_epoch,
-                                           loss=0.0, acc=0.0, rate=0.0)
+                                           loss=0.0, acc=0.0, rate="-")
     elif isinstance(event, training.Progress):
       self._progress.update(self._task, completed=event.step, epoch=event.epoch, loss=event.loss,
-                            acc=event.accuracy, rate=event.images_per_sec)
+                            acc=event.accuracy, rate="-" if event.images_per_sec is None
+                            else f"{event.images_per_sec:,.0f}")
     elif isinstance(event, training.EpochEnd):
       self._progress.update(self._task, completed=event.record["step"])
       self.console.print(format_epoch(event.record, self.epochs))
+
+
+@contextlib.contextmanager
+def counting_progress(console: Console, what: str, total: int) -> Iterator[Callable[[int], None]]:
+  """A transient progress bar over `total` items; yields `advance(n)`."""
+  with RichProgress(TextColumn(what), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    TimeRemainingColumn(), console=console, transient=True) as bar:
+    task = bar.add_task(what, total=total)
+    yield lambda n: bar.advance(task, n)
 
 
 def confusion_table(confusion: Any, title: str = "Confusion matrix") -> Table:
@@ -89,11 +116,13 @@ def predictions_table(results, top_k: int) -> Table:
   table.add_column(f"top {top_k}")
   for r in results:
     if r.error:
-      table.add_row(r.source, Text("-", style="dim"), "", Text(r.error, style="red"))
+      table.add_row(plain(r.source), Text("-", style="dim"), "", Text(plain(r.error).plain,
+                                                                        style="red"))
       continue
     style = "green" if r.confidence >= 0.9 else "yellow" if r.confidence >= 0.5 else "red"
     guesses = "  ".join(f"{d}: {p:.1%}" for d, p in r.top_k(top_k))
-    table.add_row(r.source, str(r.digit), Text(f"{r.confidence:.1%}", style=style), guesses)
+    table.add_row(plain(r.source), str(r.digit), Text(f"{r.confidence:.1%}", style=style),
+                  guesses)
   return table
 
 

@@ -65,12 +65,18 @@ def test_train_refuses_to_overwrite_and_resume_extends(trained_ckpt, tiny_data_d
     (["eval", "--checkpoint", "/nonexistent/ckpt"], "checkpoint directory not found"),
     (["train", "--data-dir", "/nonexistent/mnist", "--checkpoint", "{tmp}/c"],
      "MNIST data folder not found"),
-    (["train", "--epochs", "0", "--checkpoint", "{tmp}/c"], "epochs must be >= 1, got 0"),
+    (["train", "--epochs", "0", "--checkpoint", "{tmp}/c"], "epochs must be in [1, 10000], got 0"),
+    (["train", "--epochs", "99999999999", "--checkpoint", "{tmp}/c"],
+     "epochs must be in [1, 10000], got 99999999999"),
+    (["train", "--seed", str(2**64), "--checkpoint", "{tmp}/c"], "seed must be in [0, 2**32 - 1]"),
+    (["train", "--checkpoint", "{tmp}/a-file"], "a-file is a file, not a folder"),
+    (["train", "--resume", "--checkpoint", "{tmp}/a-file"], "checkpoint directory not found"),
     (["train", "--resume", "--checkpoint", "{tmp}/none"], "not found"),
     (["train", "--dropout", "1.5", "--checkpoint", "{tmp}/c"],
      "dropout must be a rate in [0, 1), got 1.5"),
 ])
 def test_errors_are_one_line_on_stderr(args, message, tmp_path):
+  (tmp_path / "a-file").write_text("not a folder")
   result = runner.invoke(app, [a.format(tmp=tmp_path) for a in args])
   assert result.exit_code == 1
   assert message in result.stderr
@@ -81,6 +87,7 @@ def test_errors_are_one_line_on_stderr(args, message, tmp_path):
     (["eval", "--batch-size", "0"], "--batch-size"),
     (["eval", "--cpu-devices", "-1"], "--cpu-devices"),
     (["serve", "--max-upload-mb", "-1"], "--max-upload-mb"),
+    (["eval", "--cpu-devices", "100000"], "--cpu-devices"),
 ])
 def test_out_of_range_options_are_usage_errors(args, option, tmp_path):
   # Refused by the command line before anything loads (eval once crashed on --batch-size 0).
