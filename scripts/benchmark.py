@@ -227,8 +227,8 @@ def median_of(runs: list[dict], key: str):
 def _cpu_training_options() -> dict[str, str]:
   """The options `digits train` compiles its training program with on this machine's CPU."""
   import jax  # pylint: disable=import-outside-toplevel
-  from flaxdigits import parallel, train  # pylint: disable=import-outside-toplevel
-  return train.training_compiler_options(parallel.make_mesh(jax.devices("cpu"))) or {}
+  from flaxdigits import parallel, training  # pylint: disable=import-outside-toplevel
+  return training.training_compiler_options(parallel.make_mesh(jax.devices("cpu"))) or {}
 
 
 def _torch_installed() -> bool:

@@ -1,0 +1,94 @@
+"""Every script in scripts/ runs, on tiny settings: the committed MNIST slice, a narrow CNN, a few
+steps. Speed is measured by these scripts, never asserted here; this only proves they run (the
+README's main speed command once crashed with nothing noticing)."""
+
+import io
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
+
+
+def run(script: str, *args: str, timeout: float = 300) -> str:
+  done = subprocess.run([sys.executable, str(SCRIPTS / script), *map(str, args)],
+                        capture_output=True, text=True, timeout=timeout)
+  assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+  assert "Traceback" not in done.stderr
+  return done.stdout
+
+
+@pytest.fixture(scope="module")
+def digit_png(small, tmp_path_factory) -> Path:
+  path = tmp_path_factory.mktemp("png") / "digit.png"
+  Image.fromarray(255 - small["test"].images[0]).resize((112, 112)).save(path)
+  return path
+
+
+def test_every_script_has_a_smoke_test():
+  tested = {"bench_cold.py", "bench_eval.py", "bench_predict.py", "bench_startup.py",
+            "bench_train.py", "benchmark.py", "check_export.py", "compare_tta.py",
+            "load_test.py", "make_realistic_set.py",
+            "flax_example_loop.py"}  # a module benchmark.py and bench_train.py run
+  assert {p.name for p in SCRIPTS.glob("*.py")} == tested
+
+
+def test_bench_startup():
+  assert "digits --help" in run("bench_startup.py", "--runs", 2)
+
+
+def test_bench_cold(tiny_checkpoint, tiny_data_dir, digit_png):
+  out = run("bench_cold.py", "--checkpoint", tiny_checkpoint, "--image", digit_png,
+            "--data-dir", tiny_data_dir, "--runs", 1)
+  assert "predict" in out and "eval" in out
+
+
+def test_bench_eval(tiny_checkpoint, tiny_data_dir):
+  out = run("bench_eval.py", "--checkpoint", tiny_checkpoint, "--data-dir", tiny_data_dir,
+            "--repeats", 1, "--stages")
+  assert "images/s" in out
+
+
+def test_make_realistic_set_and_bench_predict(tiny_checkpoint, tiny_data_dir, tmp_path):
+  run("make_realistic_set.py", "--data-dir", tiny_data_dir, "--out", tmp_path / "set",
+      "--per-kind", 2)
+  assert any((tmp_path / "set").rglob("*.png")) or any((tmp_path / "set").rglob("*.jpg"))
+  out = run("bench_predict.py", "--checkpoint", tiny_checkpoint, "--data-dir", tiny_data_dir,
+            "--set", tmp_path / "set")
+  assert "overall" in out.lower()
+
+
+def test_bench_train(tiny_data_dir):
+  assert "img/s" in run("bench_train.py", "--data-dir", tiny_data_dir, "--short", 2, "--long", 4,
+                        "--repeats", 1)
+
+
+def test_benchmark(tiny_data_dir, tmp_path):
+  run("benchmark.py", "--data-dir", tiny_data_dir, "--epochs", 1, "--repeats", 1, "--only",
+      "flaxdigits,flax-example,flax-example-eigen", "--json", tmp_path / "b.json", timeout=600)
+  medians = json.loads((tmp_path / "b.json").read_text())["medians"]
+  assert set(medians) >= {"flaxdigits", "flax-example"}
+
+
+def test_check_export(tiny_checkpoint, tiny_data_dir, tmp_path):
+  pytest.importorskip("jax2onnx", reason="needs the export extra")
+  out = run("check_export.py", "--checkpoint", tiny_checkpoint, "--data-dir", tiny_data_dir,
+            "--out", tmp_path / "exports")
+  assert "onnx" in out and "tflite" in out
+
+
+def test_compare_tta(tiny_checkpoint, tiny_data_dir):
+  assert "%" in run("compare_tta.py", "--checkpoint", tiny_checkpoint, "--data-dir",
+                    tiny_data_dir)
+
+
+def test_load_test(tiny_checkpoint, tiny_data_dir):
+  pytest.importorskip("uvicorn", reason="needs the serve extra")
+  out = run("load_test.py", "--checkpoint", tiny_checkpoint, "--data-dir", tiny_data_dir,
+            "--clients", 2, "--requests", 10, "--max-seconds", 120)
+  assert "requests/s" in out
