@@ -58,6 +58,8 @@ def test_predictor_accepts_arrays_and_pil_images(checkpoint, small):
   predictor = Predictor.from_checkpoint(checkpoint)
   digit = small["test"].images[0]
   a, b = predictor.predict([digit, Image.fromarray(digit)])
+  # Both must succeed: two failures gave digit None == None and approx(None) == None.
+  assert a.error is None and b.error is None and a.digit is not None
   assert a.digit == b.digit and a.probabilities == pytest.approx(b.probabilities, abs=1e-6)
 
 
