@@ -2,6 +2,7 @@ import importlib
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import flaxdigits
@@ -26,6 +27,7 @@ def test_public_names_stay_what_they_name_after_every_module_is_imported():
   assert not {m.__name__.rpartition(".")[2] for m in modules} & set(flaxdigits.__all__)
 
 
+@pytest.mark.slow  # trains, exports and serves: everything the README's block does
 def test_the_readme_api_example_runs(tiny_data_dir, tmp_path, monkeypatch):
   # The README's Python API block, as written, on the small data set and for one epoch.
   readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()

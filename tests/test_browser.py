@@ -30,6 +30,10 @@ from selenium.webdriver.common.actions.pointer_input import PointerInput  # noqa
 from selenium.webdriver.common.by import By  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
+# Every test here that uses the one-epoch real-MNIST checkpoint runs on one xdist worker, which
+# trains it once.
+pytestmark = pytest.mark.xdist_group("real_checkpoint")
+
 
 @pytest.fixture(scope="module")
 def server(real_checkpoint):

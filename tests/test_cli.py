@@ -107,6 +107,7 @@ def test_help_does_not_import_jax():
   assert "train" in result.stdout and "eval" in result.stdout
 
 
+@pytest.mark.slow  # a whole digits process
 def test_ctrl_c_saves_checkpoint_and_exits_130(tiny_data_dir, tmp_path):
   import os
   import signal

@@ -83,6 +83,7 @@ def test_cli_eda_json_and_figures(tiny_data_dir, small, tmp_path):
        "mean_images_test.png"])
 
 
+@pytest.mark.slow  # a whole digits process
 def test_cli_eda_table_and_no_tensorflow(tiny_data_dir, tmp_path):
   code = ("import sys\nfrom typer.testing import CliRunner\nfrom flaxdigits.cli.main import app\n"
           "r = CliRunner().invoke(app, ['eda', '--data-dir', sys.argv[1], '--out', sys.argv[2]],"

@@ -11,6 +11,10 @@ from flaxdigits.cli.main import app
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 import make_realistic_set  # noqa: E402
 
+# Every test here that uses the one-epoch real-MNIST checkpoint runs on one xdist worker, which
+# trains it once.
+pytestmark = pytest.mark.xdist_group("real_checkpoint")
+
 runner = CliRunner()
 TEST_COUNTS = [980, 1135, 1032, 1010, 982, 892, 958, 1028, 974, 1009]
 

@@ -10,6 +10,10 @@ from flaxdigits.checkpoint import load_model
 from flaxdigits.cli.main import app
 from flaxdigits.data import normalize
 
+# Every test here that uses the one-epoch real-MNIST checkpoint runs on one xdist worker, which
+# trains it once.
+pytestmark = pytest.mark.xdist_group("real_checkpoint")
+
 pytest.importorskip("jax2onnx", reason="needs the export extra: pip install '.[export]'")
 pytest.importorskip("ai_edge_litert", reason="needs the export extra: pip install '.[export]'")
 
