@@ -79,7 +79,8 @@ def load_image(source: ImageSource) -> Image.Image:
                            f"too large to decode (limit {MAX_DECODED_PIXELS:,} pixels; only "
                            "JPEGs are decoded reduced)")
         image.load()
-        return _working_size(ImageOps.exif_transpose(image))
+        # Shrink, then turn (the EXIF travels in .info): exif_transpose copies the image.
+        return ImageOps.exif_transpose(_working_size(image))
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
       raise ValueError("image is too large (decompression-bomb guard)") from None
     except UnidentifiedImageError:

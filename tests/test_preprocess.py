@@ -104,9 +104,10 @@ def test_every_format(digit, fmt):
   assert_mnist_like(to_mnist(buffer.getvalue()))
 
 
-def test_exif_orientation_is_applied(digit, tmp_path):
+@pytest.mark.parametrize("side", [480, 3000])  # 3000: shrunk to the working size first
+def test_exif_orientation_is_applied(digit, tmp_path, side):
   _, big = digit
-  upright = Image.fromarray((page(big) * 255).astype(np.uint8))
+  upright = Image.fromarray((page(big) * 255).astype(np.uint8)).resize((side, side))
   stored = upright.transpose(Image.Transpose.ROTATE_90)  # as a sideways camera stores it
   exif = Image.Exif()
   exif[0x0112] = 6  # "rotate 90 CW to view"
