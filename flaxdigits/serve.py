@@ -10,6 +10,7 @@ import asyncio
 import base64
 import binascii
 import concurrent.futures
+import contextlib
 import io
 import os
 import threading
@@ -182,8 +183,13 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
                      f"got {max_upload_bytes} bytes, {timeout_s} s, {threads} and {max_pending}")
   predictor.warm_up()
   pool = WorkPool(threads or os.cpu_count() or 1, max_pending)
+  @contextlib.asynccontextmanager
+  async def lifespan(_):
+    yield
+    pool.shutdown()
+
   app = FastAPI(title="flaxdigits", docs_url=None, redoc_url=None, openapi_url=None,
-                on_shutdown=[pool.shutdown])
+                lifespan=lifespan)
   app.mount("/static", StaticFiles(directory=str(_WEB / "static")), name="static")
 
   @app.exception_handler(HTTPException)
