@@ -1,7 +1,10 @@
-"""Deterministic image transforms shared by training's random augmentation and by test-time
-augmentation: whole-pixel shifts and rotate/scale/shift warps about the image centre."""
+"""Image transforms: the deterministic ones shared by training's random augmentation and by
+test-time augmentation (whole-pixel shifts, rotate/scale/shift warps about the image centre), and
+training's random augmentation itself (shifts, affine warps, stroke-width jitter)."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -37,3 +40,49 @@ def rotate(images_BxHxWxC: jax.Array, angle: float, scale: float = 1.0) -> jax.A
   b = images_BxHxWxC.shape[0]
   return affine_warp(images_BxHxWxC, jnp.full((b,), angle, jnp.float32),
                      jnp.full((b,), scale, jnp.float32), jnp.zeros((b, 2), jnp.float32))
+
+
+def random_shift(key: jax.Array, images_BxHxWxC: jax.Array, max_shift: int) -> jax.Array:
+  """Translates each image by an independent random offset of up to max_shift pixels (zero fill)."""
+  b, h, w, _ = images_BxHxWxC.shape
+  padded = jnp.pad(images_BxHxWxC, ((0, 0), (max_shift,) * 2, (max_shift,) * 2, (0, 0)))
+  offsets_Bx2 = jax.random.randint(key, (b, 2), 0, 2 * max_shift + 1)
+  crop = lambda img, off: jax.lax.dynamic_slice(img, (off[0], off[1], 0), (h, w, img.shape[-1]))
+  return jax.vmap(crop)(padded, offsets_Bx2)
+
+
+def random_affine(key: jax.Array, images_BxHxWxC: jax.Array, max_shift: float,
+                  max_rotation: float, max_scale: float) -> jax.Array:
+  """Rotates (up to max_rotation radians), scales (by 1 +- max_scale) and shifts (up to
+  max_shift pixels) each image about its centre, independently, with bilinear sampling."""
+  b = images_BxHxWxC.shape[0]
+  k_angle, k_scale, k_shift = jax.random.split(key, 3)
+  angle_B = jax.random.uniform(k_angle, (b,), minval=-max_rotation, maxval=max_rotation)
+  scale_B = jax.random.uniform(k_scale, (b,), minval=1 - max_scale, maxval=1 + max_scale)
+  shift_Bx2 = jax.random.uniform(k_shift, (b, 2), minval=-max_shift, maxval=max_shift)
+  return affine_warp(images_BxHxWxC, angle_B, scale_B, shift_Bx2)
+
+
+def random_stroke(key: jax.Array, images_BxHxWxC: jax.Array, probability: float) -> jax.Array:
+  """Thickens (2x2 max) or thins (2x2 min) each image's strokes with probability/2 each.
+
+  Pens, markers and chalk draw strokes of very different widths from MNIST's; seeing varied
+  widths in training makes the model robust to them.
+  """
+  windows = _neighbourhood_2x2(images_BxHxWxC)
+  thick = functools.reduce(jnp.maximum, windows)
+  thin = functools.reduce(jnp.minimum, windows)
+  u_B = jax.random.uniform(key, images_BxHxWxC.shape[:1])[:, None, None, None]
+  return jnp.where(u_B < probability / 2, thick,
+                   jnp.where(u_B < probability, thin, images_BxHxWxC))
+
+
+def _neighbourhood_2x2(images_BxHxWxC: jax.Array) -> list[jax.Array]:
+  """Each pixel and its right, lower and lower-right neighbours: the four members of a 2x2
+  'SAME' window (the edge repeated, so padding never wins a max or min), as shifted slices.
+
+  reduce_window over the same windows runs several times slower on XLA's CPU backend.
+  """
+  _, h, w, _ = images_BxHxWxC.shape
+  padded = jnp.pad(images_BxHxWxC, ((0, 0), (0, 1), (0, 1), (0, 0)), mode="edge")
+  return [padded[:, i:i + h, j:j + w, :] for i in (0, 1) for j in (0, 1)]

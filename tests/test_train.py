@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flaxdigits import training as train_lib
+from flaxdigits import augment, training as train_lib
 from flaxdigits.checkpoint import CheckpointManager, load_model
 from flaxdigits.config import ModelConfig, TrainConfig
 from flaxdigits.data import Split
@@ -182,7 +182,7 @@ def test_batch_must_split_evenly_across_devices(small):
 def test_random_shift_moves_each_image_within_bounds():
   images = np.zeros((16, 28, 28, 1), np.float32)
   images[:, 14, 14, 0] = 1.0
-  shifted = np.asarray(train_lib.random_shift(jax.random.PRNGKey(0), images, 2))
+  shifted = np.asarray(augment.random_shift(jax.random.PRNGKey(0), images, 2))
   assert shifted.shape == images.shape and np.allclose(shifted.sum((1, 2, 3)), 1.0)
   rows = np.nonzero(shifted[..., 0].reshape(16, -1))[1] // 28 - 14
   assert np.all(np.abs(rows) <= 2) and len(set(rows.tolist())) > 1
@@ -191,11 +191,11 @@ def test_random_shift_moves_each_image_within_bounds():
 def test_random_stroke_thickens_thins_or_keeps():
   images = np.zeros((64, 28, 28, 1), np.float32)
   images[:, 10:18, 13:15, 0] = 1.0  # a 2-px-wide bar
-  out = np.asarray(train_lib.random_stroke(jax.random.PRNGKey(0), images, 0.5))
+  out = np.asarray(augment.random_stroke(jax.random.PRNGKey(0), images, 0.5))
   ink = out.sum((1, 2, 3))
   assert set(np.unique(ink).tolist()) <= {7.0, 16.0, 27.0}  # thinned, unchanged, thickened
   assert (ink == 16.0).sum() > 16 and (ink == 7.0).sum() > 4 and (ink == 27.0).sum() > 4
-  np.testing.assert_array_equal(train_lib.random_stroke(jax.random.PRNGKey(0), images, 0.0),
+  np.testing.assert_array_equal(augment.random_stroke(jax.random.PRNGKey(0), images, 0.0),
                                 images)
 
 
@@ -208,7 +208,7 @@ def test_random_stroke_windows_are_2x2_same_max_and_min():
   # With probability 1, each image is thickened (its draw < 0.5) or else thinned.
   draws = np.asarray(jax.random.uniform(jax.random.PRNGKey(0), (4,)))[:, None, None, None]
   assert 0 < (draws < 0.5).sum() < 4
-  np.testing.assert_array_equal(train_lib.random_stroke(jax.random.PRNGKey(0), images, 1.0),
+  np.testing.assert_array_equal(augment.random_stroke(jax.random.PRNGKey(0), images, 1.0),
                                 np.where(draws < 0.5, want_thick, want_thin))
 
 
@@ -233,9 +233,9 @@ def test_random_affine_is_identity_at_zero_and_keeps_ink_otherwise():
   rng = np.random.default_rng(0)
   images = np.zeros((32, 28, 28, 1), np.float32)
   images[:, 8:20, 12:16, 0] = rng.uniform(0.5, 1.0, (32, 12, 4))
-  same = train_lib.random_affine(jax.random.PRNGKey(0), images, 0, 0.0, 0.0)
+  same = augment.random_affine(jax.random.PRNGKey(0), images, 0, 0.0, 0.0)
   np.testing.assert_allclose(same, images, atol=1e-6)
-  moved = np.asarray(train_lib.random_affine(jax.random.PRNGKey(1), images, 2, 0.15, 0.1))
+  moved = np.asarray(augment.random_affine(jax.random.PRNGKey(1), images, 2, 0.15, 0.1))
   assert moved.shape == images.shape and not np.allclose(moved, images)
   # Rotation and a scale of 1 +- 0.1 keep the ink's mass within the scale's square, and the
   # bar's centre within the shift and the rotation's reach of where it was.
