@@ -351,6 +351,10 @@ def serve(
   from rich.text import Text  # pylint: disable=import-outside-toplevel
   err.print(Text.assemble("flaxdigits is serving ", (f"http://{bound_host}:{bound_port}/", "bold"),
                           " (Ctrl-C stops it)"), highlight=False)
+  if host not in ("127.0.0.1", "localhost", "::1"):
+    err.print(message("note", "yellow", f"--host {host} exposes the app beyond this machine; "
+                      "put a reverse proxy with TLS and rate limits in front (README, 'The web "
+                      "app')"), highlight=False, soft_wrap=True)
   # Connections that never finish their headers are closed, and at most MAX_CONNECTIONS are
   # open at once; exposed beyond loopback, run it behind a reverse proxy (README).
   config = uvicorn.Config(app_, log_level="warning", timeout_keep_alive=5,

@@ -153,7 +153,11 @@ class CheckpointManager:
                               f"restored ({type(e).__name__}: {_first_line(e)})") from None
     saved = meta.get("digests")
     for name in abstract:
-      if saved is None:  # format 1: written before digests
+      if saved is None:  # format 1, written before digests: only non-finite values can show
+        if not all(np.isfinite(x).all() for x in jax.tree.leaves(jax.device_get(restored[name]))
+                   if np.issubdtype(np.asarray(x).dtype, np.floating)):
+          raise CheckpointDamaged(f"checkpoint step {step}: {self.directory / str(step) / name} "
+                                  "holds non-finite values (damaged?)")
         continue
       got = digests(restored[name])
       bad = [k for k in saved[name] if got.get(k) != saved[name][k]] + sorted(

@@ -93,6 +93,56 @@ def test_damaged_latest_step_falls_back_to_the_newest_good_one(ckpt, damage):
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["truncated", "garbled"])
+def test_any_file_of_the_latest_step_damaged_never_loads_garbage(three_steps, tmp_path, mode):
+  # Every file Orbax writes for a step (data, manifests, metadata), damaged in turn: loading for
+  # eval/predict (params) and for resume (params and optimizer state) gives exactly step 24's
+  # arrays or, with the damage named, step 16's; never anything else.
+  from flaxdigits import training
+  from flaxdigits.checkpoint import restore_for_resume
+  from flaxdigits.model import build_model
+  good = {step: params_of(load_model(three_steps, step=step)[0]) for step in (16, 24)}
+  template = training.init_state(build_model(TINY), training.make_optimizer(RECIPE, 8), 0)
+  files = sorted(p.relative_to(three_steps) for p in (three_steps / "24").rglob("*")
+                 if p.is_file())
+  assert len(files) >= 15
+  used = {}
+  for i, name in enumerate(files):
+    copy = shutil.copytree(three_steps, tmp_path / str(i))
+    (truncate if mode == "truncated" else garble)(copy / name)
+    model, meta = load_model(copy)
+    with CheckpointManager(copy) as manager:
+      state, resumed, _, _ = restore_for_resume(manager, template, TINY, RECIPE, 512)
+    for step, params, damaged in ((meta["step"], params_of(model), meta["damaged"]),
+                                  (resumed["step"], [np.asarray(x) for x in
+                                                     jax.tree.leaves(state.params)], None)):
+      assert step in good, (name, step)
+      if damaged is not None and step == 16:
+        assert "checkpoint step 24" in damaged[0], (name, damaged)
+      for got, want in zip(params, good[step], strict=True):
+        np.testing.assert_array_equal(got, want, err_msg=str(name))
+    used[str(name)] = (meta["step"], resumed["step"])
+  # Some small per-process index files are never read (the arrays still verify): harmless. The
+  # array data is not.
+  params_data = largest_file(three_steps / "24" / "params").relative_to(three_steps)
+  trainer_data = largest_file(three_steps / "24" / "trainer").relative_to(three_steps)
+  assert used[str(params_data)] == (16, 16) and used[str(trainer_data)] == (24, 16), used
+
+
+def test_a_format_1_checkpoint_without_digests_is_still_checked_for_non_finite_values(ckpt):
+  import json
+  for step in (8, 16, 24):  # as the previous release wrote them: no digests
+    meta_file = ckpt / str(step) / "meta" / "metadata"
+    meta = json.loads(meta_file.read_text())
+    del meta["digests"]
+    meta_file.write_text(json.dumps(meta | {"format": 1}))
+  assert load_model(ckpt)[1]["step"] == 24  # whole: loads, unverified
+  DAMAGE["params data garbled"](ckpt / "24")
+  model, meta = load_model(ckpt)
+  assert meta["step"] == 16 and "holds non-finite values" in meta["damaged"][0]
+
+
 def test_garbled_step_metadata_alone_is_harmless(ckpt):
   # Orbax's own _CHECKPOINT_METADATA is not needed to restore: the arrays still match their
   # digests, so step 24 is used, and said to be whole.
