@@ -302,9 +302,10 @@ def resolve_resume(meta: dict[str, Any], model_config: ModelConfig,
   if epochs < saved.epochs:
     raise ValueError(f"the checkpoint already finished {saved.epochs} epochs; to extend it, ask "
                      f"for more than {saved.epochs}")
-  note = (f"extending the finished {saved.epochs}-epoch run to {epochs} epochs: epochs "
-          f"{saved.epochs + 1}-{epochs} get a learning-rate cycle of their own (warm-up to "
-          f"{saved.learning_rate:g}, then cosine decay)")
+  added = (f"epoch {epochs} gets a learning-rate cycle of its own" if epochs == saved.epochs + 1
+           else f"epochs {saved.epochs + 1}-{epochs} get a learning-rate cycle of their own")
+  note = (f"extending the finished {saved.epochs}-epoch run to {epochs} epochs: {added} "
+          f"(warm-up to {saved.learning_rate:g}, then cosine decay)")
   return ResumePlan(saved_model, dataclasses.replace(config, epochs=epochs,
                                                      cycle_start=saved.epochs), step, note)
 
