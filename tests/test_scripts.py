@@ -31,9 +31,9 @@ def digit_png(small, tmp_path_factory) -> Path:
 
 
 def test_every_script_has_a_smoke_test():
-  tested = {"bench_cold.py", "bench_eval.py", "bench_predict.py", "bench_startup.py",
-            "bench_train.py", "benchmark.py", "check_export.py", "compare_tta.py",
-            "load_test.py", "make_realistic_set.py",
+  tested = {"bench_cold.py", "bench_eval.py", "bench_hostile.py", "bench_predict.py",
+            "bench_startup.py", "bench_train.py", "benchmark.py", "check_export.py",
+            "compare_tta.py", "load_test.py", "make_realistic_set.py",
             "flax_example_loop.py"}  # a module benchmark.py and bench_train.py run
   assert {p.name for p in SCRIPTS.glob("*.py")} == tested
 
@@ -46,6 +46,13 @@ def test_bench_cold(tiny_checkpoint, tiny_data_dir, digit_png):
   out = run("bench_cold.py", "--checkpoint", tiny_checkpoint, "--image", digit_png,
             "--data-dir", tiny_data_dir, "--runs", 1)
   assert "predict" in out and "eval" in out
+
+
+def test_bench_hostile():
+  out = run("bench_hostile.py", "--runs", 1, "--scale", 0.02)
+  for case in ("png-bomb", "png-largest", "jpeg-12mp", "idx-gzip-bomb", "train-into-file"):
+    assert f"{case} " in out
+  assert "failed" not in out and "killed" not in out and "exit 1" in out
 
 
 def test_bench_eval(tiny_checkpoint, tiny_data_dir):
