@@ -13,6 +13,7 @@ from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from flaxdigits.cli.render import message  # Rich alone: no JAX at start-up
 from flaxdigits.config import EVAL_BATCH_SIZE  # plain Python: no JAX at start-up
@@ -170,13 +171,9 @@ def train(
     except KeyboardInterrupt:
       with ckpt_lib.CheckpointManager(checkpoint, read_only=True) as manager:
         step = manager.latest_step()
-      if step is None:
-        err.print(message("interrupted", "yellow", "before the first checkpoint was saved; "
-                          "nothing to resume"), highlight=False, soft_wrap=True)
-      else:
-        err.print(message("interrupted", "yellow", f"checkpoint at step {step} in "
-                          f"{checkpoint}/; continue with --resume"), highlight=False,
-                  soft_wrap=True)
+      where = ("before the first checkpoint was saved; nothing to resume" if step is None else
+               f"checkpoint at step {step} in {checkpoint}/; continue with --resume")
+      err.print(message("interrupted", "yellow", where), highlight=False, soft_wrap=True)
       raise typer.Exit(130) from None
   if json_out:
     print(json.dumps({"checkpoint": str(checkpoint), "step": int(result.state.step),
@@ -271,7 +268,6 @@ def eval_(
     console.print(render.confused_pairs_table(result.most_confused()))
     console.print(f"figures: {', '.join(str(p) for p in written)}", soft_wrap=True,
                   markup=False)
-  from rich.text import Text  # pylint: disable=import-outside-toplevel
   console.print(Text.assemble(
       f"checkpoint {checkpoint}/ step {meta['step']}"
       f"{' with test-time augmentation' if tta else ''}: ",
@@ -348,7 +344,6 @@ def serve(
                                   info={"checkpoint": str(checkpoint)})
   _warn_damaged(predictor.meta)
   bound_host, bound_port = sock.getsockname()[:2]
-  from rich.text import Text  # pylint: disable=import-outside-toplevel
   err.print(Text.assemble("flaxdigits is serving ", (f"http://{bound_host}:{bound_port}/", "bold"),
                           " (Ctrl-C stops it)"), highlight=False)
   if host not in ("127.0.0.1", "localhost", "::1"):

@@ -13,10 +13,11 @@ from rich.table import Table
 from rich.text import Text
 
 
-def plain(text: object) -> Text:
+def plain(text: object, style: str = "") -> Text:
   """Text from outside (file names, error messages) shown as it is: never read as Rich markup,
   and with control characters (ESC sequences, say) made visible instead of sent to the terminal."""
-  return Text("".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in str(text)))
+  return Text("".join(c if c.isprintable() or c == "\n" else repr(c)[1:-1] for c in str(text)),
+              style=style)
 
 
 def message(label: str, style: str, text: object) -> Text:
@@ -59,14 +60,12 @@ class TrainingDisplay:
 
   def __call__(self, event) -> None:
     from flaxdigits import training  # pylint: disable=import-outside-toplevel
-    if isinstance(event, training.Started) and self.quiet:
+    if isinstance(event, training.Started):
       for note in event.notes:  # what a resume changed is said even in quiet mode
         self.console.print(message("note", "yellow", note), soft_wrap=True)
     if self.quiet:
       return
     if isinstance(event, training.Started):
-      for note in event.notes:
-        self.console.print(message("note", "yellow", note), soft_wrap=True)
       self.console.print(
           f"CNN with {event.num_params:,} parameters on {event.num_devices} device(s); "
           f"{event.steps_per_epoch} steps/epoch, step {event.start_step} of {event.total_steps}")
@@ -116,8 +115,7 @@ def predictions_table(results, top_k: int) -> Table:
   table.add_column(f"top {top_k}")
   for r in results:
     if r.error:
-      table.add_row(plain(r.source), Text("-", style="dim"), "", Text(plain(r.error).plain,
-                                                                        style="red"))
+      table.add_row(plain(r.source), Text("-", style="dim"), "", plain(r.error, "red"))
       continue
     style = "green" if r.confidence >= 0.9 else "yellow" if r.confidence >= 0.5 else "red"
     guesses = "  ".join(f"{d}: {p:.1%}" for d, p in r.top_k(top_k))

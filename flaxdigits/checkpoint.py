@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -215,7 +216,6 @@ def _first_line(e: BaseException) -> str:
 
 
 def _remove(path: Path) -> None:
-  import shutil  # pylint: disable=import-outside-toplevel
   if path.is_dir():
     shutil.rmtree(path, ignore_errors=True)
   else:
