@@ -28,8 +28,8 @@ MAX_PIXELS = 40_000_000  # larger images are refused (Pillow's decompression-bom
 # (at most 4 bytes a pixel: 64 MB) however small the file that declares them.
 MAX_DECODED_PIXELS = 1 << 24
 # Every input is brought to at most this long side before any analysis: ink separation works at
-# 400 px, and a 28x28 result needs no more.
-WORK_SIDE = 1024
+# this size, and a 28x28 result needs no more.
+WORK_SIDE = 400
 MIN_SIDE = 8
 BOX = 20  # MNIST fits each digit's longer side to 20 px ...
 SIZE = 28  # ... inside a 28x28 canvas
@@ -140,9 +140,11 @@ def ink_map(image: Image.Image) -> np.ndarray:
   if image.width < MIN_SIDE or image.height < MIN_SIDE:
     raise ValueError(f"image of {image.width}x{image.height} pixels is too small to hold a "
                      f"digit (at least {MIN_SIDE}x{MIN_SIDE})")
+  if max(image.size) > WORK_SIDE:
+    image = _working_size(image)
   alpha = _alpha(image)
   gray = _gray(image)
-  if alpha is not None and alpha.min() < 0.9:
+  if alpha is not None:
     # A canvas export: strokes are opaque, background transparent. Alpha is the ink; where it
     # is opaque, colour decides between ink and an opaque background fill.
     opaque = alpha > 0.5
@@ -153,83 +155,133 @@ def ink_map(image: Image.Image) -> np.ndarray:
 
 
 def _alpha(image: Image.Image) -> np.ndarray | None:
+  """The alpha channel in [0, 1], or None where there is none or it is (almost) all opaque."""
   if image.mode == "P" and "transparency" in image.info:
     image = image.convert("RGBA")
-  if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-    return np.asarray(image.getchannel("A"), np.float32) / 255
-  return None
+  if image.mode not in ("RGBA", "LA", "PA", "RGBa", "La"):
+    return None
+  channel = image.getchannel("A")
+  if channel.getextrema()[0] >= 230:  # opaque: a canvas filled with white, say
+    return None
+  return np.asarray(channel, np.float32) / 255
 
 
 def _gray(image: Image.Image) -> np.ndarray:
   if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
     values = np.asarray(image, np.float64)
-    lo, hi = np.percentile(values, [0, 100])
+    lo, hi = values.min(), values.max()
     return ((values - lo) / (hi - lo) if hi > lo else np.zeros_like(values)).astype(np.float32)
-  if image.mode != "L":
-    image = image.convert("RGB")
-    rgb = np.asarray(image, np.float32) / 255
-    # Luma, but let a coloured pen stand out from paper of any tint: use the darkest channel's
-    # contrast too, by mixing in saturation.
-    luma = rgb @ np.array([0.299, 0.587, 0.114], np.float32)
-    saturation = rgb.max(-1) - rgb.min(-1)
-    return np.clip(luma - 0.5 * (saturation - np.median(saturation)), 0, 1)
-  return np.asarray(image, np.float32) / 255
+  if image.mode in ("L", "LA", "La"):
+    return np.asarray(image.getchannel(0), np.float32) / 255
+  rgb = image.convert("RGB")
+  luma = np.asarray(rgb.convert("L"), np.float32) / 255  # ITU-R 601 luma, as Pillow computes it
+  r, g, b = (np.asarray(channel) for channel in rgb.split())
+  saturation = np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)  # uint8
+  if not saturation.any():  # grey: luma is all there is
+    return luma
+  # Luma, but let a coloured pen stand out from paper of any tint: mix in saturation.
+  median = 255 * _quantiles(saturation, 256, [50])[0]
+  return np.clip(luma - (0.5 / 255) * (saturation.astype(np.float32) - median), 0, 1)
+
+
+def _quantiles(values: np.ndarray, levels: int, percents, high: float = 1.0) -> np.ndarray:
+  """Percentiles of values in [0, high] (uint8: levels=256, high=1 gives them / 255), read off
+  a histogram of `levels` levels: exact to high / levels, and many times faster than sorting."""
+  return _histogram_quantiles(_histogram(values, levels, high), percents) * (high / (levels - 1))
+
+
+def _histogram(values: np.ndarray, levels: int, high: float = 1.0) -> np.ndarray:
+  if values.dtype != np.uint8:
+    values = np.clip(values * ((levels - 1) / high) + 0.5, 0, levels - 1).astype(np.intp)
+  return np.bincount(values.ravel(), minlength=levels)
+
+
+def _histogram_quantiles(hist: np.ndarray, percents) -> np.ndarray:
+  """The levels at `percents` of a histogram's mass."""
+  cumulative = np.cumsum(hist)
+  ranks = np.asarray(percents, np.float64) / 100 * (cumulative[-1] - 1)
+  return np.searchsorted(cumulative, ranks, side="right").astype(np.float64)
+
+
+_LEVELS = 1024  # histogram resolution of the ink statistics
 
 
 def _separate_ink(gray: np.ndarray) -> np.ndarray:
   """Background-subtracts, normalises contrast and soft-thresholds a grey image."""
-  h, w = gray.shape
-  # Work at a bounded resolution: enough for strokes, cheap for huge photos.
-  scale = min(1.0, 400 / max(h, w))
-  if scale < 1:
-    gray = np.asarray(Image.fromarray(gray, "F").resize(
-        (max(MIN_SIDE, round(w * scale)), max(MIN_SIDE, round(h * scale))), Image.BOX))
   # The page's edge is background in photos, scans and canvases alike: light edges mean dark
   # ink. Where the edge is mid-grey, ink is the minority whose tail lies further from the median.
-  edge = np.median(np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]]))
-  p_low, median, p_high = np.percentile(gray, [0.1, 50, 99.9])
-  if edge > 0.55 or (edge >= 0.45 and median - p_low > p_high - median):
-    gray = 1 - gray  # dark ink on light paper -> light ink on dark
-  background = _background(gray)
-  signal = np.clip(gray - background, 0, None)
-  top = np.percentile(signal, 99.7)
-  noise = np.median(signal) + 3 * 1.4826 * np.median(np.abs(signal - np.median(signal)))
+  border = np.concatenate([gray[0], gray[-1], gray[:, 0], gray[:, -1]])
+  edge = _quantiles(border, _LEVELS, [50])[0]
+  flip = edge > 0.55  # dark ink on light paper
+  if 0.45 <= edge <= 0.55:
+    p_low, median, p_high = _quantiles(gray, _LEVELS, [0.1, 50, 99.9])
+    flip = median - p_low > p_high - median
+  if flip:
+    gray, border, edge = 1 - gray, 1 - border, 1 - edge  # -> light ink on dark
+  # A quadratic surface that is constant all along a rectangle's border is constant inside it,
+  # so a page whose border is one level (a canvas, a scan) needs no fit.
+  if np.mean(np.abs(border - edge) < 2 / 255) >= 0.95:
+    signal = gray - np.float32(edge)
+  else:
+    signal = gray - _background(gray)
+  np.maximum(signal, 0, out=signal)
+  peak = max(float(signal.max()), 1e-6)
+  # All the statistics below come from one histogram of the signal, in levels of peak / 1023.
+  hist = _histogram(signal, _LEVELS, peak)
+  centre, top = _histogram_quantiles(hist, [50, 99.7])
+  deviation = np.abs(np.arange(_LEVELS) - centre).astype(np.intp)  # |level - median|, per level
+  spread = _histogram_quantiles(np.bincount(deviation, weights=hist, minlength=_LEVELS), [50])[0]
+  unit = peak / (_LEVELS - 1)
+  centre, top, spread = centre * unit, top * unit, spread * unit
+  noise = centre + 3 * 1.4826 * spread
   if top < 0.08 or top < 2.5 * noise:
     raise NoDigitFound("no digit found (no ink stands out from the background)")
-  signal = signal / top
-  threshold = _otsu(signal)
+  threshold = _otsu(hist, unit / top)
   low = max(threshold * 0.5, noise / top)
-  return np.clip((signal - low) / max(threshold * 1.5 - low, 1e-3), 0, 1).astype(np.float32)
+  # (signal / top - low) / width, clipped to [0, 1], in place.
+  width = max(threshold * 1.5 - low, 1e-3)
+  signal -= low * top
+  signal *= 1 / (top * width)
+  return np.clip(signal, 0, 1, out=signal)
 
 
 def _background(gray: np.ndarray) -> np.ndarray:
   """The paper's (or board's) level under the ink: a smooth quadratic surface fitted robustly.
 
-  Uneven lighting is smooth across a page, so a low-order surface captures it; refitting without
-  the pixels that stand out as ink keeps strokes and filled loops of any size out of the fit.
+  Uneven lighting is smooth across a page, so a low-order surface captures it, and a grid of
+  about 32x32 samples fits it; refitting without the pixels that stand out as ink keeps
+  strokes and filled loops of any size out of the fit.
   """
   h, w = gray.shape
-  step = max(1, max(h, w) // 96)
+  step = max(1, max(h, w) // 32)
   sample = gray[::step, ::step]
   y, x = np.mgrid[0:sample.shape[0], 0:sample.shape[1]]
   y, x = y.ravel() / sample.shape[0] - 0.5, x.ravel() / sample.shape[1] - 0.5
   design = np.stack([np.ones_like(x), x, y, x * x, x * y, y * y], axis=1)
-  values = sample.ravel()
+  values = sample.ravel().astype(np.float64)
   keep = np.ones(values.shape, bool)
   for _ in range(4):
     coef, *_ = np.linalg.lstsq(design[keep], values[keep], rcond=None)
     residual = values - design @ coef
     spread = 1.4826 * np.median(np.abs(residual[keep] - np.median(residual[keep]))) + 1e-3
-    keep = residual < 2.5 * spread  # ink is bright here: drop what stands above the surface
-  yy, xx = np.mgrid[0:h, 0:w]
-  yy, xx = yy / h - 0.5, xx / w - 0.5
-  return (coef[0] + coef[1] * xx + coef[2] * yy + coef[3] * xx * xx + coef[4] * xx * yy
-          + coef[5] * yy * yy).astype(np.float32)
+    before, keep = keep, residual < 2.5 * spread  # ink is bright: drop what stands above
+    if np.array_equal(keep, before):
+      break  # converged: the next fit would be the same
+  # The surface, evaluated separably: rows and columns, then the cross term.
+  yy = (np.arange(h, dtype=np.float32) / h - 0.5)[:, None]
+  xx = (np.arange(w, dtype=np.float32) / w - 0.5)[None, :]
+  c = coef.astype(np.float32)
+  surface = (c[0] + c[2] * yy + c[5] * yy * yy) + (c[1] * xx + c[3] * xx * xx)
+  if abs(c[4]) > 1e-6:
+    surface += c[4] * yy * xx
+  return surface
 
 
-def _otsu(values: np.ndarray) -> float:
-  hist, edges = np.histogram(np.clip(values, 0, 1), bins=64, range=(0, 1))
-  centres = (edges[:-1] + edges[1:]) / 2
+def _otsu(hist: np.ndarray, scale: float) -> float:
+  """Otsu's threshold, in [0, 1], of levels * scale (clipped to 1) in 64 bins."""
+  bins = np.minimum((np.arange(len(hist)) * scale * 64).astype(np.intp), 63)
+  hist = np.bincount(bins, weights=hist, minlength=64)
+  centres = (np.arange(64) + 0.5) / 64
   weight_low = np.cumsum(hist)
   weight_high = weight_low[-1] - weight_low
   mean_low = np.cumsum(hist * centres) / np.maximum(weight_low, 1)
@@ -240,14 +292,25 @@ def _otsu(values: np.ndarray) -> float:
 
 
 def _keep_digit(ink: np.ndarray) -> np.ndarray:
-  """Drops specks and edge clutter: keeps connected components of real weight."""
+  """Drops specks and edge clutter: keeps connected components of real weight, cropped to
+  them (with the 2-pixel margin that keeps their soft edges)."""
   labels, n = ndimage.label(ink > 0.3, structure=np.ones((3, 3)))
   if n == 0:
     raise NoDigitFound("no digit found (no ink)")
-  mass = ndimage.sum(ink, labels, index=np.arange(1, n + 1))
-  keep = np.flatnonzero(mass >= 0.15 * mass.max()) + 1
-  mask = ndimage.binary_dilation(np.isin(labels, keep), iterations=2)
-  return ink * mask
+  kept = np.ones(n + 1, bool)
+  if n > 1:
+    mass = np.bincount(labels.ravel(), weights=ink.ravel(), minlength=n + 1)
+    kept = mass >= 0.15 * mass[1:].max()
+  kept[0] = False
+  boxes = [box for box, k in zip(ndimage.find_objects(labels), kept[1:]) if k]
+  top = max(0, min(b[0].start for b in boxes) - 2)
+  bottom = min(ink.shape[0], max(b[0].stop for b in boxes) + 2)
+  left = max(0, min(b[1].start for b in boxes) - 2)
+  right = min(ink.shape[1], max(b[1].stop for b in boxes) + 2)
+  region = (slice(top, bottom), slice(left, right))
+  # Dilating by 2 px (a 5x5 square), as two separable passes.
+  mask = ndimage.maximum_filter(kept[labels[region]].view(np.uint8), size=5)
+  return ink[region] * mask
 
 
 def _stroke_width(ink: np.ndarray) -> float:

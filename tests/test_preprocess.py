@@ -157,10 +157,10 @@ def test_large_jpeg_is_decoded_reduced_to_the_working_size(digit, tmp_path):
   photo = Image.fromarray((page(big) * 255).astype(np.uint8)).resize((4000, 4000), Image.BILINEAR)
   photo.crop((0, 500, 4000, 3500)).save(tmp_path / "phone.jpg", quality=90)  # 12 Mpx
   with Image.open(tmp_path / "phone.jpg") as image:
-    image.draft("L", (1000, 750))
-    assert image.size == (1000, 750)  # Pillow decodes this JPEG at 1/4 scale
+    image.draft("L", (WORK_SIDE, WORK_SIDE * 3 // 4))
+    assert image.size == (500, 375)  # Pillow decodes this JPEG at 1/8 scale
   loaded = load_image(tmp_path / "phone.jpg")
-  assert max(loaded.size) == WORK_SIDE and loaded.size == (1024, 768)
+  assert max(loaded.size) == WORK_SIDE and loaded.size == (400, 300)
   assert_mnist_like(to_mnist(tmp_path / "phone.jpg"))
 
 
@@ -216,3 +216,42 @@ def test_any_array_gives_a_valid_image_or_the_documented_error(values, dtype):
     return
   assert out.shape == (28, 28) and out.dtype == np.float32
   assert np.isfinite(out).all() and out.min() >= 0.0 and out.max() <= 1.0
+
+
+@given(hnp.arrays(np.float32, st.integers(1, 2000), elements=st.floats(0, 1, width=32)))
+@settings(max_examples=50, deadline=None)
+def test_histogram_quantiles_match_numpy_to_a_level(values):
+  from flaxdigits.preprocess import _quantiles
+  percents = [0.1, 50, 99.7]
+  got = _quantiles(values, 1024, percents)
+  # Each is a value's level: no further from numpy's (which interpolates) than one level plus
+  # the gap between the two neighbouring values it interpolates between.
+  ordered = np.sort(values)
+  for p, g in zip(percents, got):
+    rank = p / 100 * (len(values) - 1)
+    lo, hi = ordered[int(np.floor(rank))], ordered[int(np.ceil(rank))]
+    assert lo - 1 / 1023 <= g <= hi + 1 / 1023
+
+
+def test_a_uniform_border_skips_the_fit_with_the_same_result(digit, monkeypatch):
+  # A quadratic surface constant along the border is constant: the fit would find that level.
+  import flaxdigits.preprocess as preprocess
+  _, big = digit
+  canvas = (page(big, ink=0.0, paper=1.0) * 255).astype(np.uint8)
+  fast = to_mnist(canvas)
+  fitted = preprocess._background
+  calls = []
+  monkeypatch.setattr(preprocess, "_background", lambda g: calls.append(1) or fitted(g))
+  assert np.array_equal(to_mnist(canvas), fast) and not calls  # the fit is skipped ...
+  monkeypatch.setattr(preprocess, "_separate_ink", _always_fitting(preprocess))
+  assert similarity(to_mnist(canvas), fast) > 0.999 and calls  # ... and would agree
+
+
+def _always_fitting(preprocess):
+  original = preprocess._separate_ink
+
+  def separate(gray):
+    gray = gray.copy()
+    gray[0, :] = np.linspace(0.0, 1.0, gray.shape[1])  # a border that is not one level
+    return original(gray)
+  return separate
