@@ -29,7 +29,7 @@ MAX_PIXELS = 40_000_000  # larger images are refused (Pillow's decompression-bom
 MAX_DECODED_PIXELS = 1 << 24
 # Every input is brought to at most this long side before any analysis: ink separation works at
 # this size, and a 28x28 result needs no more.
-WORK_SIDE = 400
+WORK_SIDE = 160
 MIN_SIDE = 8
 BOX = 20  # MNIST fits each digit's longer side to 20 px ...
 SIZE = 28  # ... inside a 28x28 canvas
@@ -105,6 +105,8 @@ def _working_size(image: Image.Image) -> Image.Image:
     image = image.convert("RGBA" if "transparency" in image.info or "A" in image.mode else "RGB")
   elif image.mode == "1":
     image = image.convert("L")
+  if image.mode == "RGBA" and image.getchannel("A").getextrema()[0] == 255:
+    image = image.convert("RGB")  # opaque (a filled canvas): resizing RGB is cheaper
   size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
   return image.resize(size, Image.BOX)
 
@@ -131,7 +133,7 @@ def _array_to_uint8(array: np.ndarray) -> np.ndarray:
   if array.dtype.kind == "b" or (is_float and lo >= 0 and hi <= 1):
     values = values * 255
   elif lo < 0 or hi > 255:
-    values = (values - lo) * (255 / (hi - lo))
+    values = (values - lo) * (255 / (hi - lo)) if hi > lo else np.zeros_like(values)
   return np.clip(np.rint(values), 0, 255).astype(np.uint8)
 
 
@@ -220,7 +222,7 @@ def _separate_ink(gray: np.ndarray) -> np.ndarray:
     gray, border, edge = 1 - gray, 1 - border, 1 - edge  # -> light ink on dark
   # A quadratic surface that is constant all along a rectangle's border is constant inside it,
   # so a page whose border is one level (a canvas, a scan) needs no fit.
-  if np.mean(np.abs(border - edge) < 2 / 255) >= 0.95:
+  if _one_level(border, edge):
     signal = gray - np.float32(edge)
   else:
     signal = gray - _background(gray)
@@ -243,6 +245,11 @@ def _separate_ink(gray: np.ndarray) -> np.ndarray:
   signal -= low * top
   signal *= 1 / (top * width)
   return np.clip(signal, 0, 1, out=signal)
+
+
+def _one_level(border: np.ndarray, level: float) -> bool:
+  """Whether (almost) all of a border lies within 2/255 of `level`."""
+  return bool(np.mean(np.abs(border - level) < 2 / 255) >= 0.95)
 
 
 def _background(gray: np.ndarray) -> np.ndarray:
