@@ -322,8 +322,19 @@ def serve(
                                       "network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=0, max=65535, help="TCP port.")] = 8000,
     max_upload_mb: Annotated[float, typer.Option(min=0.001, help="Largest accepted upload.")] = 5.0,
+    max_pending: Annotated[int, typer.Option(
+        min=1, help="Requests in progress at once; beyond it the app answers 503 with "
+        "Retry-After.")] = 64,
+    processes: Annotated[Optional[int], typer.Option(
+        min=0, help="Processes that preprocess uploads (0: threads of the server's own "
+        "process).  [default: one per core]", show_default=False)] = None,
+    access_log: Annotated[bool, typer.Option(help="One line per request on stdout, in "
+                                             "uvicorn's format.")] = True,
 ):
-  """Serve the web app where people draw a digit (and an HTTP API: POST /api/predict)."""
+  """Serve the web app where people draw a digit (and an HTTP API: POST /api/predict).
+
+  Concurrent requests are classified together; GET /metrics gives Prometheus metrics.
+  """
   try:
     import uvicorn  # pylint: disable=import-outside-toplevel
     from flaxdigits import serve as serve_lib  # pylint: disable=import-outside-toplevel
@@ -341,6 +352,8 @@ def serve(
     with err.status(f"loading and compiling the model from {checkpoint}/"):
       predictor = Predictor.from_checkpoint(checkpoint)
       app_ = serve_lib.create_app(predictor, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
+                                  max_pending=max_pending,
+                                  processes=os.cpu_count() or 1 if processes is None else processes,
                                   info={"checkpoint": str(checkpoint)})
   _warn_damaged(predictor.meta)
   bound_host, bound_port = sock.getsockname()[:2]
@@ -352,7 +365,8 @@ def serve(
                       "app')"), highlight=False, soft_wrap=True)
   # Connections that never finish their headers are closed, and at most MAX_CONNECTIONS are
   # open at once; exposed beyond loopback, run it behind a reverse proxy (README).
-  config = uvicorn.Config(app_, log_level="warning", timeout_keep_alive=5,
+  config = uvicorn.Config(app_, log_level=None, log_config=serve_lib.log_config(),
+                          access_log=access_log, timeout_keep_alive=5,
                           timeout_graceful_shutdown=5, http=serve_lib.guarded_http_protocol())
   uvicorn.Server(config).run(sockets=[sock])
 

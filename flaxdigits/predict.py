@@ -81,9 +81,13 @@ class Predictor:
     predictor.meta = meta
     return predictor
 
-  def warm_up(self) -> None:
-    """Compiles the smallest batch shape now rather than on the first request."""
-    self.probabilities(np.zeros((1, 28, 28), np.float32))
+  def warm_up(self, up_to: int = 1) -> None:
+    """Compiles now, rather than on the first call, every batch shape that batches of up to
+    `up_to` images use."""
+    for size in _BUCKETS:
+      self.probabilities(np.zeros((size, 28, 28), np.float32))
+      if size >= up_to:
+        break
 
   def probabilities(self, images_Nx28x28: np.ndarray) -> np.ndarray:
     """Class probabilities (N, 10) for already-preprocessed float images in [0, 1]."""
@@ -117,15 +121,15 @@ class Predictor:
     ok = [i for i, img in enumerate(images) if img is not None]
     probs = self.probabilities(np.stack([images[i] for i in ok])) if ok else []
     by_index = dict(zip(ok, probs))
-    results = []
-    for i, name in enumerate(names):
-      if i in by_index:
-        p = by_index[i]
-        results.append(Prediction(name, int(np.argmax(p)), float(np.max(p)),
-                                  [float(x) for x in p], images[i]))
-      else:
-        results.append(Prediction(name, None, None, None, None, errors[i]))
-    return results
+    return [prediction(name, images[i], by_index[i]) if i in by_index
+            else Prediction(name, None, None, None, None, errors[i])
+            for i, name in enumerate(names)]
+
+
+def prediction(name: str, image: np.ndarray, probabilities: np.ndarray) -> Prediction:
+  """The Prediction for one classified image."""
+  p = np.asarray(probabilities)
+  return Prediction(name, int(np.argmax(p)), float(np.max(p)), [float(x) for x in p], image)
 
 
 def _name(source: ImageSource) -> str:

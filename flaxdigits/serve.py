@@ -1,37 +1,35 @@
 """The drawing web app: a FastAPI app over a Predictor, with the page served from the package.
 
 `create_app(predictor)` returns an ASGI app; `digits serve` runs it under uvicorn. Requests go
-through exactly the preprocessing of `digits predict` (`Predictor.predict`).
+through exactly the preprocessing of `digits predict` (`to_mnist`), and concurrent requests are
+classified together (`batching.Batcher`).
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import concurrent.futures
 import contextlib
 import io
-import os
-import threading
+import time
 from importlib import resources
 from typing import Any
 
 import anyio
 import numpy as np
+import prometheus_client
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from flaxdigits import batching
 from flaxdigits.predict import Predictor
 
 MAX_UPLOAD_BYTES = 5 * 1024 * 1024
 REQUEST_TIMEOUT_S = 10.0
-# Requests admitted to preprocessing and the model at once, queued or running; more get 503.
-MAX_PENDING = 64
 # Connections that have not sent complete request headers within this long are closed.
 HEADER_TIMEOUT_S = 10.0
 MAX_CONNECTIONS = 1000
@@ -134,59 +132,42 @@ async def _image_bytes(request: Request) -> bytes:
                    "data URL")
 
 
-class _Busy(Exception):
-  pass
-
-
-class WorkPool:
-  """Runs predictions on a few threads, admitting at most `max_pending` queued or running.
-
-  A request that times out cancels its work if it has not started; work already running
-  finishes (it is bounded: preprocessing decodes at most preprocess.MAX_DECODED_PIXELS) and
-  keeps its slot until then, so abandoned work can never pile up beyond the bound.
-  """
-
-  def __init__(self, threads: int, max_pending: int):
-    self._executor = concurrent.futures.ThreadPoolExecutor(
-        threads, thread_name_prefix="flaxdigits-predict")
-    self._slots = threading.BoundedSemaphore(max_pending)
-
-  async def run(self, fn, *args):
-    if not self._slots.acquire(blocking=False):
-      raise _Busy
-    try:
-      future = self._executor.submit(fn, *args)
-    except BaseException:
-      self._slots.release()
-      raise
-    future.add_done_callback(lambda _: self._slots.release())
-    try:
-      return await asyncio.wrap_future(future)
-    except asyncio.CancelledError:
-      future.cancel()  # a queued job never starts; a running one finishes, holding its slot
-      raise
-
-  def shutdown(self) -> None:
-    self._executor.shutdown(wait=False, cancel_futures=True)
-
-
 def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES,
                timeout_s: float = REQUEST_TIMEOUT_S, info: dict[str, Any] | None = None,
-               threads: int | None = None, max_pending: int = MAX_PENDING) -> ASGIApp:
-  """The web app over `predictor`, compiled for one image before it answers anything.
+               processes: int = 0, threads: int | None = None,
+               max_pending: int = batching.MAX_PENDING,
+               max_batch: int = batching.MAX_BATCH,
+               max_wait_s: float = batching.MAX_WAIT_S) -> ASGIApp:
+  """The web app over `predictor`, compiled for every batch shape before it answers anything.
 
-  Predictions run on `threads` worker threads (default: one per core); beyond `max_pending`
-  requests queued or running, the app answers 503 with Retry-After rather than queueing.
+  Requests are preprocessed on `processes` processes (or, if 0, on `threads` threads, by
+  default one per core) and classified together in batches of up to `max_batch` (see
+  `batching.Batcher`: `digits serve` uses one process per core); beyond `max_pending`
+  requests in progress, the app answers 503 with Retry-After rather than queueing. GET /metrics
+  gives request counts, latencies, batch sizes and queue depth in Prometheus' text format.
   """
-  if max_upload_bytes < 1 or timeout_s <= 0 or max_pending < 1 or (threads or 1) < 1:
-    raise ValueError(f"the upload limit, timeout, threads and pending limit must be positive, "
-                     f"got {max_upload_bytes} bytes, {timeout_s} s, {threads} and {max_pending}")
-  predictor.warm_up()
-  pool = WorkPool(threads or os.cpu_count() or 1, max_pending)
+  if max_upload_bytes < 1 or timeout_s <= 0:
+    raise ValueError(f"the upload limit and timeout must be positive, got {max_upload_bytes} "
+                     f"bytes and {timeout_s} s")
+  registry = prometheus_client.CollectorRegistry()
+  batch_sizes = prometheus_client.Histogram(
+      "flaxdigits_batch_size", "Images per model call.", registry=registry,
+      buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512))
+  batcher = batching.Batcher(predictor, processes=processes, threads=threads,
+                             max_pending=max_pending,
+                             max_batch=max_batch, max_wait_s=max_wait_s,
+                             on_batch=batch_sizes.observe)
+  prometheus_client.Gauge("flaxdigits_pending_requests", "Requests admitted and not yet "
+                          "answered.", registry=registry).set_function(lambda: batcher.pending)
+  prometheus_client.Gauge("flaxdigits_queued_images", "Preprocessed images waiting for the "
+                          "model.", registry=registry).set_function(lambda: batcher.queued)
+  prometheus_client.ProcessCollector(registry=registry)  # memory, CPU, open files
+  batcher.warm_up()
+
   @contextlib.asynccontextmanager
   async def lifespan(_):
     yield
-    pool.shutdown()
+    await batcher.aclose()
 
   app = FastAPI(title="flaxdigits", docs_url=None, redoc_url=None, openapi_url=None,
                 lifespan=lifespan)
@@ -214,13 +195,18 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
   async def healthz():
     return {"status": "ok"} | (info or {})
 
+  @app.get("/metrics")
+  async def metrics():
+    return Response(prometheus_client.generate_latest(registry),
+                    media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
   @app.post("/api/predict")
   async def predict(request: Request):
     try:
       with anyio.fail_after(timeout_s):
         data = await _image_bytes(request)
-        [result] = await pool.run(predictor.predict, [data])
-    except _Busy:
+        result = await batcher.predict(data)
+    except batching.Busy:
       response = _error(503, "server busy; retry in a moment")
       response.headers["retry-after"] = "1"
       return response
@@ -236,7 +222,47 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
     return {"digit": result.digit, "confidence": result.confidence,
             "probabilities": result.probabilities, "preprocessed": _png_data_url(result.image)}
 
-  return LimitsMiddleware(app, max_upload_bytes)
+  requests = prometheus_client.Counter(
+      "flaxdigits_requests", "HTTP requests answered, by route and status.",
+      ["route", "status"], registry=registry)
+  latency = prometheus_client.Histogram(
+      "flaxdigits_request_duration_seconds", "Time from request to the end of the response.",
+      ["route"], registry=registry,
+      buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+  return MetricsMiddleware(LimitsMiddleware(app, max_upload_bytes), requests, latency)
+
+
+# Routes as metric labels: a fixed set, so that arbitrary paths cannot grow the label space.
+_ROUTES = ("/api/predict", "/healthz", "/metrics", "/static", "/")
+
+
+class MetricsMiddleware:
+  """Counts every HTTP response by route and status, and observes its latency."""
+
+  def __init__(self, app: ASGIApp, requests, latency):
+    self.app, self.requests, self.latency = app, requests, latency
+
+  async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    if scope["type"] != "http":
+      await self.app(scope, receive, send)
+      return
+    path = scope["path"]
+    route = next((r for r in _ROUTES if path == r or path.startswith(r + "/") and r != "/"),
+                 "other")
+    start = time.perf_counter()
+    status = 500
+
+    async def observing_send(message: Message) -> None:
+      nonlocal status
+      if message["type"] == "http.response.start":
+        status = message["status"]
+      await send(message)
+
+    try:
+      await self.app(scope, receive, observing_send)
+    finally:
+      self.requests.labels(route, str(status)).inc()
+      self.latency.labels(route).observe(time.perf_counter() - start)
 
 
 def guarded_http_protocol(header_timeout_s: float = HEADER_TIMEOUT_S,
@@ -280,3 +306,15 @@ def guarded_http_protocol(header_timeout_s: float = HEADER_TIMEOUT_S,
       super().connection_lost(exc)
 
   return GuardedH11Protocol
+
+
+def log_config() -> dict[str, Any]:
+  """uvicorn's logging set-up, with its access log (one line per request, on stdout) and only
+  warnings and errors from the server itself (the CLI says what it serves)."""
+  import copy  # pylint: disable=import-outside-toplevel
+
+  from uvicorn.config import LOGGING_CONFIG  # pylint: disable=import-outside-toplevel
+  config = copy.deepcopy(LOGGING_CONFIG)
+  config["loggers"]["uvicorn.error"]["level"] = "WARNING"
+  config["loggers"]["uvicorn.access"]["level"] = "INFO"
+  return config

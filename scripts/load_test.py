@@ -1,28 +1,55 @@
-"""Load test of `digits serve` on loopback: concurrent clients posting real MNIST test digits.
+"""Load test of `digits serve` on loopback: concurrent keep-alive clients posting MNIST test digits.
 
   python scripts/load_test.py --checkpoint ckpt --data-dir ../shared/data/mnist
+  python scripts/load_test.py ... --against ../old-checkout --rounds 2   # side by side
+  python scripts/load_test.py ... --requests 10000 --clients 20          # memory over time
 
-Starts `digits serve` on a free loopback port, waits for /healthz, then --clients threads send
---requests POST /api/predict in all (each a different test digit as a 112 px dark-on-light PNG),
-each with a 30 s time-out, the whole run bounded by --max-seconds. Prints latency percentiles,
-requests/s, errors and accuracy; exits 1 on any error. Warm-up requests are not counted.
+Starts `digits serve` on a free loopback port, waits for /healthz, then --clients threads, each
+with one keep-alive connection, send --requests POST /api/predict in all (each a different test
+digit), each with a 30 s time-out, the whole run bounded by --max-seconds. Kinds of request:
+  pad    what the page sends while you draw: a 280x280 canvas PNG (black on white) as a JSON
+         data URL
+  photo  a 112 px dark-on-light PNG as a multipart upload
+Prints requests/s, latency percentiles, the count of each status, accuracy, and the server's
+resident memory after the first 100 requests and at the end, and the CPU time per request of the
+server and of the clients (all on the same cores). Warm-up requests are not counted.
+With --against DIR (a checkout of another commit, sharing this environment), each round runs
+both servers one after the other, this one first. Exits 1 on any failure but 503s, or on 503s
+without --allow-busy.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import collections
+import http.client
 import io
-import shutil
+import json
+import os
 import socket
-import statistics
 import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
-import httpx
 import numpy as np
 from PIL import Image
+
+HERE = Path(__file__).resolve().parents[1]
+# Runs the CLI of a checkout (its cli/ folder as flaxdigits.cli): `python -c SERVE ROOT ARGS...`.
+SERVE = """
+import sys, types
+root = sys.argv[1]
+sys.path.insert(0, root)
+import flaxdigits
+cli = types.ModuleType("flaxdigits.cli"); cli.__path__ = [root + "/cli"]
+sys.modules["flaxdigits.cli"] = flaxdigits.cli = cli
+from flaxdigits.cli.main import main
+sys.argv = ["digits", *sys.argv[2:]]
+main()
+"""
 
 
 def free_port() -> int:
@@ -31,88 +58,165 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def png(digit_28x28: np.ndarray) -> bytes:
+def pad_request(digit_28x28: np.ndarray) -> tuple[bytes, str]:
+  """The page's request while drawing: a 280x280 opaque canvas PNG as a JSON data URL."""
+  ink = np.asarray(Image.fromarray(digit_28x28).resize((200, 200), Image.BICUBIC)) / 255.0
+  gray = np.full((280, 280), 255.0)
+  gray[40:240, 40:240] = 255 * (1 - np.clip(ink * 1.6, 0, 1))
+  rgba = np.dstack([np.uint8(gray)] * 3 + [np.full((280, 280), 255, np.uint8)])
+  buffer = io.BytesIO()
+  Image.fromarray(rgba, "RGBA").save(buffer, "PNG")
+  url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+  return json.dumps({"image": url}).encode(), "application/json"
+
+
+def photo_request(digit_28x28: np.ndarray) -> tuple[bytes, str]:
+  """A 112 px dark-on-light PNG as a multipart upload."""
   buffer = io.BytesIO()
   Image.fromarray(255 - digit_28x28).resize((112, 112), Image.BICUBIC).save(buffer, "PNG")
-  return buffer.getvalue()
+  boundary = "flaxdigitsboundary"
+  body = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"d.png\"\r\n"
+          f"Content-Type: image/png\r\n\r\n").encode() + buffer.getvalue() + \
+      f"\r\n--{boundary}--\r\n".encode()
+  return body, f"multipart/form-data; boundary={boundary}"
+
+
+def rss_mb(pid: int) -> float:
+  for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+    if line.startswith("VmRSS:"):
+      return int(line.split()[1]) / 1024
+  return float("nan")
+
+
+def cpu_seconds(pid: int) -> float:
+  """User + system CPU time of a process so far."""
+  fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+  return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_server(root: Path, checkpoint: str, port: int, log) -> subprocess.Popen:
+  server = subprocess.Popen([sys.executable, "-c", SERVE, str(root), "serve", "-c", checkpoint,
+                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=log)
+  deadline = time.monotonic() + 180
+  while True:
+    try:
+      connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+      connection.request("GET", "/healthz")
+      if connection.getresponse().status == 200:
+        return server
+    except OSError:
+      pass
+    if server.poll() is not None or time.monotonic() > deadline:
+      server.kill()
+      log.seek(0)
+      sys.exit(f"server did not start: {log.read().decode()[-500:]}")
+    time.sleep(0.2)
+
+
+def run(root: Path, args, requests: list[tuple[bytes, str]], labels: np.ndarray) -> dict:
+  port = free_port()
+  with open(f"/tmp/flaxdigits-load-{port}.log", "w+b") as log:
+    server = start_server(root, args.checkpoint, port, log)
+    try:
+      return load(server.pid, port, args, requests, labels)
+    finally:
+      server.terminate()
+      server.wait(15)
+
+
+def load(pid: int, port: int, args, requests, labels) -> dict:
+  def post(connection, i):
+    body, content_type = requests[i % len(requests)]
+    connection.request("POST", "/api/predict", body, {"content-type": content_type})
+    response = connection.getresponse()
+    return response.status, response.read()
+
+  warm = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+  for i in range(5):
+    post(warm, i)
+  warm.close()
+  next_index = iter(range(args.requests))
+  lock = threading.Lock()
+  latencies, statuses, correct, memory = [], collections.Counter(), 0, {}
+  stop_at = time.monotonic() + args.max_seconds
+
+  def client() -> None:
+    nonlocal correct
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    while time.monotonic() < stop_at:
+      with lock:
+        i = next(next_index, None)
+      if i is None:
+        break
+      start = time.perf_counter()
+      try:
+        status, body = post(connection, i)
+        digit = json.loads(body).get("digit") if status == 200 else None
+      except (OSError, http.client.HTTPException) as e:
+        status, digit = type(e).__name__, None
+        connection.close()
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+      elapsed = time.perf_counter() - start
+      with lock:
+        latencies.append(elapsed)
+        statuses[status] += 1
+        correct += digit == int(labels[i % len(labels)])
+        if len(latencies) == 100:
+          memory["after 100"] = rss_mb(pid)
+    connection.close()
+
+  threads = [threading.Thread(target=client) for _ in range(args.clients)]
+  cpu_before, client_before = cpu_seconds(pid), time.process_time()
+  began = time.perf_counter()
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  wall = time.perf_counter() - began
+  cpu, client_cpu = cpu_seconds(pid) - cpu_before, time.process_time() - client_before
+  memory["at the end"] = rss_mb(pid)
+  ms = np.percentile(np.array(latencies) * 1000, [50, 90, 99])
+  return {"done": len(latencies), "wall": wall, "p50": ms[0], "p90": ms[1], "p99": ms[2],
+          "max": 1000 * max(latencies), "statuses": dict(statuses), "correct": correct,
+          "memory": memory, "cpu_ms": 1000 * cpu / max(1, len(latencies)),
+          "client_cpu_ms": 1000 * client_cpu / max(1, len(latencies))}
 
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--checkpoint", default="ckpt")
   parser.add_argument("--data-dir", required=True)
+  parser.add_argument("--kind", choices=("pad", "photo"), default="pad")
   parser.add_argument("--clients", type=int, default=20)
-  parser.add_argument("--requests", type=int, default=1000)
+  parser.add_argument("--requests", type=int, default=2000)
   parser.add_argument("--max-seconds", type=float, default=300)
+  parser.add_argument("--against", type=Path, help="a checkout of another commit to compare")
+  parser.add_argument("--rounds", type=int, default=1)
+  parser.add_argument("--allow-busy", action="store_true", help="503s are not failures")
   args = parser.parse_args()
-  from flaxdigits.data import load_mnist
+  from flaxdigits.data import load_mnist  # pylint: disable=import-outside-toplevel
   test = load_mnist(args.data_dir, ("test",))["test"]
-  bodies = [png(test.images[i]) for i in range(args.requests)]
-  port = free_port()
-  url = f"http://127.0.0.1:{port}"
-  server = subprocess.Popen([shutil.which("digits"), "serve", "-c", args.checkpoint, "--port",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-  try:
-    deadline = time.monotonic() + 120
-    while True:
-      try:
-        if httpx.get(f"{url}/healthz", timeout=1).status_code == 200:
-          break
-      except httpx.TransportError:
-        pass
-      if server.poll() is not None or time.monotonic() > deadline:
-        sys.exit(f"server did not start: {server.stderr.read().decode()[-500:]}")
-      time.sleep(0.2)
-    with httpx.Client(base_url=url) as warm:
-      for body in bodies[:5]:
-        warm.post("/api/predict", files={"file": body})
-
-    next_index = iter(range(args.requests))
-    lock = threading.Lock()
-    latencies, errors, correct = [], [], 0
-    stop_at = time.monotonic() + args.max_seconds
-
-    def client() -> None:
-      nonlocal correct
-      with httpx.Client(base_url=url, timeout=30) as http:
-        while time.monotonic() < stop_at:
-          with lock:
-            i = next(next_index, None)
-          if i is None:
-            return
-          start = time.perf_counter()
-          try:
-            response = http.post("/api/predict", files={"file": ("d.png", bodies[i], "image/png")})
-            ok = response.status_code == 200
-            digit = response.json().get("digit") if ok else None
-          except httpx.HTTPError as e:
-            ok, digit, response = False, None, e
-          elapsed = time.perf_counter() - start
-          with lock:
-            latencies.append(elapsed)
-            if not ok:
-              errors.append(str(getattr(response, "status_code", response)))
-            correct += digit == int(test.labels[i])
-
-    threads = [threading.Thread(target=client) for _ in range(args.clients)]
-    began = time.perf_counter()
-    for t in threads:
-      t.start()
-    for t in threads:
-      t.join()
-    wall = time.perf_counter() - began
-  finally:
-    server.terminate()
-    server.wait(10)
-  done = len(latencies)
-  ms = np.percentile(np.array(latencies) * 1000, [50, 90, 99])
-  print(f"{done} requests from {args.clients} concurrent clients in {wall:.1f} s: "
-        f"{done / wall:.1f} requests/s")
-  print(f"latency p50 {ms[0]:.0f} ms, p90 {ms[1]:.0f} ms, p99 {ms[2]:.0f} ms, "
-        f"max {1000 * max(latencies):.0f} ms, mean {1000 * statistics.mean(latencies):.0f} ms")
-  print(f"errors: {len(errors)}{' ' + str(sorted(set(errors))) if errors else ''}; "
-        f"correct digits: {correct}/{done}")
-  if errors or done < args.requests:
+  make = pad_request if args.kind == "pad" else photo_request
+  count = min(len(test.labels), args.requests, 2000)  # distinct bodies, reused beyond
+  requests = [make(test.images[i]) for i in range(count)]
+  roots = {"this": HERE} | ({"against": args.against.resolve()} if args.against else {})
+  failed = False
+  for round_ in range(args.rounds):
+    for name, root in roots.items():
+      r = run(root, args, requests, test.labels[:count])
+      statuses = ", ".join(f"{k}: {v}" for k, v in sorted(r["statuses"].items(), key=str))
+      memory = ", ".join(f"{k} {v:.0f} MB" for k, v in r["memory"].items())
+      print(f"round {round_ + 1} {name}: {r['done']} {args.kind} requests from {args.clients} "
+            f"clients in {r['wall']:.1f} s: {r['done'] / r['wall']:.1f} requests/s; latency p50 "
+            f"{r['p50']:.0f} ms, p90 {r['p90']:.0f} ms, p99 {r['p99']:.0f} ms, max "
+            f"{r['max']:.0f} ms; CPU per request: server {r['cpu_ms']:.1f} ms, clients "
+            f"{r['client_cpu_ms']:.1f} ms; statuses {statuses}; "
+            f"correct {r['correct']}/{r['done']}; "
+            f"server memory {memory}", flush=True)
+      bad = {k: v for k, v in r["statuses"].items() if k != 200 and (k != 503 or
+                                                                      not args.allow_busy)}
+      failed |= bool(bad) or r["done"] < args.requests
+  if failed:
     sys.exit(1)
 
 

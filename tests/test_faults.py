@@ -504,17 +504,18 @@ def test_overload_is_503_with_retry_after_and_timeouts_cancel_queued_work(predic
 
   import httpx
   from conftest import serving
+  from flaxdigits import batching
   from flaxdigits.serve import create_app
   started = []
-  real = predictor.predict
+  real = batching.to_mnist
 
-  def slow(sources, *args, **kwargs):
+  def slow(source):
     started.append(time.monotonic())
     time.sleep(0.6)
-    return real(sources, *args, **kwargs)
+    return real(source)
 
   app_ = create_app(predictor, timeout_s=0.3, threads=1, max_pending=2)
-  monkeypatch.setattr(predictor, "predict", slow)
+  monkeypatch.setattr(batching, "to_mnist", slow)
   image = digit_png(small)
   with serving(app_) as url:
     def ask(_):
@@ -563,6 +564,69 @@ def test_big_uploads_from_many_clients_keep_memory_bounded(predictor):
     grown = rss_mb() - before
   assert set(statuses) == {422}  # a blank page: no digit, answered, not crashed
   assert grown < 300, f"RSS grew by {grown:.0f} MB"
+
+
+def test_a_dead_preprocessing_process_fails_its_request_and_is_replaced(predictor, small):
+  import asyncio
+  import os
+
+  from flaxdigits.batching import Batcher
+  batcher = Batcher(predictor, processes=1, preprocess=os._exit)  # the worker dies on the call
+
+  async def main():
+    with pytest.raises(RuntimeError, match="a preprocessing process died"):
+      await batcher.predict(1)
+    batcher._preprocess = None  # to_mnist again, on a new process
+    answer = await batcher.predict(digit_png(small))
+    await batcher.aclose()
+    return answer
+  assert asyncio.run(main()).digit is not None
+
+
+@pytest.mark.parametrize("signal_", ["SIGTERM", "SIGKILL"])
+def test_preprocessing_processes_end_with_the_server(tmp_path, three_steps, signal_):
+  # None may outlive the server, however it ends (they once kept running after a SIGTERM).
+  import signal
+  import socket
+
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  server = subprocess.Popen([sys.executable, "-m", "flaxdigits.cli.main", "serve", "-c",
+                             str(three_steps), "--port", str(port), "--processes", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+  try:
+    deadline = time.monotonic() + 120
+    children = []
+    while len(children) < 2 and time.monotonic() < deadline and server.poll() is None:
+      time.sleep(0.3)
+      children = _descendants(server.pid)
+    assert len(children) >= 2, server.stderr.read() if server.poll() is not None else children
+  finally:
+    server.send_signal(getattr(signal, signal_))
+    server.wait(30)
+  deadline = time.monotonic() + 10
+  while any(Path(f"/proc/{pid}").exists() for pid in children) and time.monotonic() < deadline:
+    time.sleep(0.2)
+  alive = [pid for pid in children if Path(f"/proc/{pid}").exists()
+           and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]]
+  assert not alive, f"still running after the server's {signal_}: {alive}"
+
+
+def _descendants(pid: int) -> list[int]:
+  """The processes below `pid` (Linux /proc)."""
+  parents = {}
+  for stat in Path("/proc").glob("[0-9]*/stat"):
+    try:
+      fields = stat.read_text().rsplit(")", 1)[1].split()
+    except OSError:
+      continue
+    parents[int(stat.parent.name)] = int(fields[1])
+  found, frontier = [], [pid]
+  while frontier:
+    frontier = [child for child, parent in parents.items() if parent in frontier]
+    found += frontier
+  return found
 
 
 # ----------------------------------------------------------------------------- names from outside

@@ -14,8 +14,10 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flaxdigits.cli.main import app as cli
+from flaxdigits import batching
 from flaxdigits.config import ModelConfig, TrainConfig
 from flaxdigits.predict import Predictor
+from flaxdigits.preprocess import to_mnist
 from flaxdigits.serve import create_app
 from flaxdigits.training import train
 
@@ -119,8 +121,7 @@ def test_blank_drawing_is_no_digit_not_a_guess(client):
 
 def test_slow_request_times_out(predictor, small, monkeypatch):
   slow = TestClient(create_app(predictor, timeout_s=0.2))
-  real = predictor.predict
-  monkeypatch.setattr(predictor, "predict", lambda s: time.sleep(1.0) or real(s))
+  monkeypatch.setattr(batching, "to_mnist", lambda s: time.sleep(1.0) or to_mnist(s))
   response = slow.post("/api/predict", files={"file": png(small["test"].images[0])})
   assert response.status_code == 504 and response.json() == {"error": "request timed out"}
 
@@ -160,3 +161,29 @@ def test_cli_serve_errors_are_one_line(tmp_path):
 def test_limits_must_be_positive(predictor, limits):
   with pytest.raises(ValueError, match="must be positive"):
     create_app(predictor, **limits)
+
+
+def test_metrics_count_requests_by_route_and_status_batch_sizes_and_queue(predictor, small):
+  from prometheus_client.parser import text_string_to_metric_families
+  fresh = TestClient(create_app(predictor, max_upload_bytes=200_000))
+  for i in range(3):
+    assert fresh.post("/api/predict", files={"file": png(small["test"].images[i])}).is_success
+  assert fresh.post("/api/predict", files={"file": ("t.txt", b"hi")}).status_code == 400
+  assert fresh.post("/api/predict", content=b"0" * 300_000).status_code == 413
+  fresh.get("/nothing/../../etc")
+  response = fresh.get("/metrics")
+  assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+  samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+             for family in text_string_to_metric_families(response.text)
+             for s in family.samples}
+  count = lambda route, status: samples[("flaxdigits_requests_total",  # noqa: E731
+                                         (("route", route), ("status", status)))]
+  assert count("/api/predict", "200") == 3
+  assert count("/api/predict", "400") == 1 and count("/api/predict", "413") == 1
+  assert count("other", "404") == 1  # any unknown path is one label, not one per path
+  assert samples[("flaxdigits_request_duration_seconds_count", (("route", "/api/predict"),))] == 5
+  assert samples[("flaxdigits_batch_size_count", ())] == 3  # three requests, one at a time
+  assert samples[("flaxdigits_batch_size_sum", ())] == 3
+  assert samples[("flaxdigits_pending_requests", ())] == 0
+  assert samples[("flaxdigits_queued_images", ())] == 0
+  assert samples[("process_resident_memory_bytes", ())] > 0
