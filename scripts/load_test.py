@@ -7,8 +7,9 @@
 Starts `digits serve` on a free loopback port, waits for /healthz, then --clients threads, each
 with one keep-alive connection, send --requests POST /api/predict in all (each a different test
 digit), each with a 30 s time-out, the whole run bounded by --max-seconds. Kinds of request:
-  pad    what the page sends while you draw: a 280x280 canvas PNG (black on white) as a JSON
-         data URL
+  pad    what the page sends while you draw: its 280x280 canvas (black on white) as a PNG of
+         --pad-side px (the page sends 160; it sent 280 before it shrank the drawing), in a
+         JSON data URL
   photo  a 112 px dark-on-light PNG as a multipart upload
 Prints requests/s, latency percentiles, the count of each status, accuracy, and the server's
 resident memory after the first 100 requests and at the end, and the CPU time per request of the
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import base64
 import collections
+import functools
 import http.client
 import io
 import json
@@ -58,14 +60,15 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def pad_request(digit_28x28: np.ndarray) -> tuple[bytes, str]:
-  """The page's request while drawing: a 280x280 opaque canvas PNG as a JSON data URL."""
+def pad_request(digit_28x28: np.ndarray, side: int = 160) -> tuple[bytes, str]:
+  """The page's request while drawing: its 280x280 canvas (black strokes on white), as an
+  opaque PNG of `side` px, in a JSON data URL."""
   ink = np.asarray(Image.fromarray(digit_28x28).resize((200, 200), Image.BICUBIC)) / 255.0
   gray = np.full((280, 280), 255.0)
   gray[40:240, 40:240] = 255 * (1 - np.clip(ink * 1.6, 0, 1))
   rgba = np.dstack([np.uint8(gray)] * 3 + [np.full((280, 280), 255, np.uint8)])
   buffer = io.BytesIO()
-  Image.fromarray(rgba, "RGBA").save(buffer, "PNG")
+  Image.fromarray(rgba, "RGBA").resize((side, side), Image.BOX).save(buffer, "PNG")
   url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
   return json.dumps({"image": url}).encode(), "application/json"
 
@@ -187,6 +190,7 @@ def main() -> None:
   parser.add_argument("--checkpoint", default="ckpt")
   parser.add_argument("--data-dir", required=True)
   parser.add_argument("--kind", choices=("pad", "photo"), default="pad")
+  parser.add_argument("--pad-side", type=int, default=160)
   parser.add_argument("--clients", type=int, default=20)
   parser.add_argument("--requests", type=int, default=2000)
   parser.add_argument("--max-seconds", type=float, default=300)
@@ -196,7 +200,7 @@ def main() -> None:
   args = parser.parse_args()
   from flaxdigits.data import load_mnist  # pylint: disable=import-outside-toplevel
   test = load_mnist(args.data_dir, ("test",))["test"]
-  make = pad_request if args.kind == "pad" else photo_request
+  make = functools.partial(pad_request, side=args.pad_side) if args.kind == "pad" else photo_request
   count = min(len(test.labels), args.requests, 2000)  # distinct bodies, reused beyond
   requests = [make(test.images[i]) for i in range(count)]
   roots = {"this": HERE} | ({"against": args.against.resolve()} if args.against else {})
@@ -206,7 +210,8 @@ def main() -> None:
       r = run(root, args, requests, test.labels[:count])
       statuses = ", ".join(f"{k}: {v}" for k, v in sorted(r["statuses"].items(), key=str))
       memory = ", ".join(f"{k} {v:.0f} MB" for k, v in r["memory"].items())
-      print(f"round {round_ + 1} {name}: {r['done']} {args.kind} requests from {args.clients} "
+      kind = f"{args.pad_side} px pad" if args.kind == "pad" else "photo"
+      print(f"round {round_ + 1} {name}: {r['done']} {kind} requests from {args.clients} "
             f"clients in {r['wall']:.1f} s: {r['done'] / r['wall']:.1f} requests/s; latency p50 "
             f"{r['p50']:.0f} ms, p90 {r['p90']:.0f} ms, p99 {r['p99']:.0f} ms, max "
             f"{r['max']:.0f} ms; CPU per request: server {r['cpu_ms']:.1f} ms, clients "

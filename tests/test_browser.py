@@ -121,3 +121,47 @@ def test_page_fits_a_phone_screen(server, browser):
     browser.save_screenshot(str(ARTIFACTS / "serve_phone.png"))
   finally:
     browser.set_window_size(800, 760)
+
+
+def phone_photo(digit_28x28: np.ndarray, path: Path) -> None:
+  """A 12-megapixel phone photo of a digit on paper, stored turned with EXIF orientation 6 and
+  noisy enough to be over the server's 5 MB upload limit as a file."""
+  from PIL import Image
+  rng = np.random.default_rng(0)
+  ink = np.asarray(Image.fromarray(digit_28x28).resize((1400, 1400), Image.BICUBIC), np.float32)
+  page = np.full((3000, 4000), 225, np.float32)
+  page[800:2200, 1300:2700] -= 190 * ink / 255
+  page += rng.normal(0, 10, page.shape).astype(np.float32)
+  upright = Image.fromarray(np.clip(page, 0, 255).astype(np.uint8)).convert("RGB")
+  exif = Image.Exif()
+  exif[0x0112] = 6  # "turn 90 degrees clockwise to view"
+  upright.transpose(Image.Transpose.ROTATE_90).save(path, quality=97, exif=exif)
+
+
+@pytest.mark.slow
+def test_a_large_phone_photo_is_shrunk_in_the_browser_and_recognised(server, browser, small,
+                                                                     tmp_path):
+  from flaxdigits.serve import MAX_UPLOAD_BYTES
+  browser.get(server)
+  upload = browser.find_element(By.ID, "upload")
+  test = small["test"]
+  for i in (0, 1):
+    photo = tmp_path / f"photo{i}.jpg"
+    phone_photo(test.images[i], photo)
+    assert photo.stat().st_size > MAX_UPLOAD_BYTES  # as a file, the server would refuse it
+    browser.find_element(By.ID, "clear").click()
+    upload.send_keys(str(photo))
+    assert answer(browser) == str(test.labels[i])
+    assert browser.find_element(By.ID, "error").text == ""
+
+
+@pytest.mark.slow
+def test_refusals_are_said_in_words(server, browser, tmp_path):
+  browser.get(server)
+  notes = tmp_path / "notes.png"
+  notes.write_text("not a picture at all")
+  browser.find_element(By.ID, "upload").send_keys(str(notes))
+  error = browser.find_element(By.ID, "error")
+  WebDriverWait(browser, 20).until(lambda d: error.text != "")
+  assert "not a picture the server can read" in error.text
+  assert browser.find_element(By.ID, "digit").text == "?"

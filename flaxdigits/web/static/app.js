@@ -13,6 +13,18 @@ const errorEl = document.getElementById("error");
 // thick as MNIST's own pen strokes.
 const STROKE = pad.width / 14;
 const LIVE_INTERVAL_MS = 200;
+// The server analyses every picture at 160 px on its long side (preprocess.WORK_SIDE), so the
+// drawing is sent at that size: a third of the pixels to encode, send and decode.
+const PAD_UPLOAD_SIDE = 160;
+// Photos are shrunk to at most this long side before upload: a 20 MB phone photo becomes a few
+// hundred KB, well within the server's upload limit, and the digit keeps plenty of detail.
+const PHOTO_SIDE = 1024;
+// What each refusal means to the person using the page.
+const REFUSALS = {
+  413: "That file is too large for the server.",
+  503: "The server is busy right now: try again in a moment.",
+  504: "The server took too long to answer: try again.",
+};
 
 const bars = [];
 for (let d = 0; d < 10; d++) {
@@ -91,8 +103,19 @@ function schedule(now = false) {
   clearTimeout(timer);
   timer = setTimeout(() => {
     if (inFlight) { pending = true; return; }
-    send(JSON.stringify({image: pad.toDataURL("image/png")}), {"content-type": "application/json"});
+    send(JSON.stringify({image: padImage()}), {"content-type": "application/json"});
   }, wait);
+}
+
+const small = document.createElement("canvas");
+small.width = small.height = PAD_UPLOAD_SIDE;
+const smallCtx = small.getContext("2d");
+
+function padImage() {
+  smallCtx.imageSmoothingEnabled = true;
+  smallCtx.imageSmoothingQuality = "high";
+  smallCtx.drawImage(pad, 0, 0, PAD_UPLOAD_SIDE, PAD_UPLOAD_SIDE);
+  return small.toDataURL("image/png");
 }
 
 async function send(body, headers = {}) {
@@ -101,15 +124,23 @@ async function send(body, headers = {}) {
   digitEl.dataset.state = "busy";
   try {
     const response = await fetch("/api/predict", {method: "POST", body, headers});
-    const answer = await response.json();
+    let answer = {};
+    try { answer = await response.json(); } catch (e) { /* a proxy's HTML error page */ }
     if (response.ok) show(answer);
-    else show(null, answer.error || `error ${response.status}`);
+    else show(null, refusal(response.status, answer.error));
   } catch (e) {
-    show(null, "the server did not answer");
+    show(null, "The server did not answer: check your connection and try again.");
   } finally {
     inFlight = false;
     if (pending) { pending = false; schedule(true); }
   }
+}
+
+function refusal(status, message) {
+  if (REFUSALS[status]) return REFUSALS[status];
+  if (status === 422) return "No digit found: draw or photograph one digit, dark on light.";
+  if (status === 400) return `That is not a picture the server can read (${message || "bad request"}).`;
+  return message || `The server answered with error ${status}.`;
 }
 
 function show(answer, error = "") {
@@ -136,13 +167,41 @@ function setBar(li, p, best) {
 }
 
 document.getElementById("clear").addEventListener("click", clearPad);
-document.getElementById("upload").addEventListener("change", (event) => {
+// Shrinks a photo to at most PHOTO_SIDE px (upright, by its EXIF orientation) before upload.
+// Pictures the browser cannot decode, and small ones, go as they are.
+async function shrunk(file) {
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(file, {imageOrientation: "from-image"});
+  } catch (e) {
+    return file;
+  }
+  const scale = Math.min(1, PHOTO_SIDE / Math.max(bitmap.width, bitmap.height));
+  if (scale === 1 && file.size <= 1024 * 1024) {
+    bitmap.close();
+    return file;
+  }
+  const canvas = document.createElement("canvas");
+  canvas.width = Math.max(1, Math.round(bitmap.width * scale));
+  canvas.height = Math.max(1, Math.round(bitmap.height * scale));
+  const context = canvas.getContext("2d");
+  context.imageSmoothingQuality = "high";
+  context.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
+  bitmap.close();
+  // JPEG for photos; PNG where transparency may carry the drawing.
+  const type = file.type === "image/jpeg" ? "image/jpeg" : "image/png";
+  const blob = await new Promise((resolve) => canvas.toBlob(resolve, type, 0.92));
+  return blob || file;
+}
+
+document.getElementById("upload").addEventListener("change", async (event) => {
   const file = event.target.files[0];
-  if (!file) return;
-  const form = new FormData();
-  form.append("file", file);
-  send(form);
   event.target.value = "";
+  if (!file) return;
+  digitEl.dataset.state = "busy";
+  const form = new FormData();
+  form.append("file", await shrunk(file), file.name);
+  send(form);
 });
 
 clearPad();
