@@ -219,8 +219,9 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
     if result.error:
       status = 422 if result.error.startswith("no digit found") else 400
       return JSONResponse({"error": result.error, "digit": None}, status_code=status)
-    return {"digit": result.digit, "confidence": result.confidence,
-            "probabilities": result.probabilities, "preprocessed": _png_data_url(result.image)}
+    return JSONResponse({"digit": result.digit, "confidence": result.confidence,
+                         "probabilities": result.probabilities,
+                         "preprocessed": _png_data_url(result.image)})
 
   requests = prometheus_client.Counter(
       "flaxdigits_requests", "HTTP requests answered, by route and status.",

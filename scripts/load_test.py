@@ -97,9 +97,10 @@ def cpu_seconds(pid: int) -> float:
   return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_server(root: Path, checkpoint: str, port: int, log) -> subprocess.Popen:
+def start_server(root: Path, checkpoint: str, port: int, log,
+                 extra: list[str]) -> subprocess.Popen:
   server = subprocess.Popen([sys.executable, "-c", SERVE, str(root), "serve", "-c", checkpoint,
-                             "--port", str(port)], stdout=subprocess.DEVNULL, stderr=log)
+                             "--port", str(port), *extra], stdout=subprocess.DEVNULL, stderr=log)
   deadline = time.monotonic() + 180
   while True:
     try:
@@ -119,7 +120,8 @@ def start_server(root: Path, checkpoint: str, port: int, log) -> subprocess.Pope
 def run(root: Path, args, requests: list[tuple[bytes, str]], labels: np.ndarray) -> dict:
   port = free_port()
   with open(f"/tmp/flaxdigits-load-{port}.log", "w+b") as log:
-    server = start_server(root, args.checkpoint, port, log)
+    extra = args.server_args.split() if root == HERE else []
+    server = start_server(root, args.checkpoint, port, log, extra)
     try:
       return load(server.pid, port, args, requests, labels)
     finally:
@@ -197,6 +199,8 @@ def main() -> None:
   parser.add_argument("--against", type=Path, help="a checkout of another commit to compare")
   parser.add_argument("--rounds", type=int, default=1)
   parser.add_argument("--allow-busy", action="store_true", help="503s are not failures")
+  parser.add_argument("--server-args", default="",
+                      help="more options for this checkout's `digits serve`, in one string")
   args = parser.parse_args()
   from flaxdigits.data import load_mnist  # pylint: disable=import-outside-toplevel
   test = load_mnist(args.data_dir, ("test",))["test"]
