@@ -4,6 +4,8 @@
 
 Each command runs --runs times as a fresh process with an empty XLA compilation cache (a
 first-ever run) and --runs times reusing a filled one (every later run), interleaved. Medians.
+With --against DIR (a checkout of another commit, sharing this environment), each run of a
+command also runs that checkout's CLI, alternating.
 """
 
 from __future__ import annotations
@@ -13,8 +15,23 @@ import os
 import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
+
+# Runs the CLI of a checkout (its cli/ folder as flaxdigits.cli): `python -c CLI ROOT ARGS...`.
+CLI = """
+import sys, types
+root = sys.argv[1]
+sys.path.insert(0, root)
+import flaxdigits
+cli = types.ModuleType("flaxdigits.cli"); cli.__path__ = [root + "/cli"]
+sys.modules["flaxdigits.cli"] = flaxdigits.cli = cli
+from flaxdigits.cli.main import main
+sys.argv = ["digits", *sys.argv[2:]]
+main()
+"""
 
 
 def timed(command: list[str], env: dict) -> float:
@@ -30,30 +47,40 @@ def main() -> None:
   parser.add_argument("--data-dir", required=True)
   parser.add_argument("--runs", type=int, default=5)
   parser.add_argument("--only", nargs="*", help="commands to time: predict, eval, eda")
+  parser.add_argument("--against", type=Path, help="a checkout of another commit to compare")
   args = parser.parse_args()
-  digits = shutil.which("digits")
   commands = {
-      "digits predict (1 image)": [digits, "predict", "-c", args.checkpoint, args.image],
-      "digits eval (10,000 images)": [digits, "eval", "-c", args.checkpoint, "--data-dir",
-                                      args.data_dir],
-      "digits eda (70,000 images)": [digits, "eda", "--data-dir", args.data_dir, "--out",
+      "digits predict (1 image)": ["predict", "-c", args.checkpoint, args.image],
+      "digits eval (10,000 images)": ["eval", "-c", args.checkpoint, "--data-dir", args.data_dir],
+      "digits eda (70,000 images)": ["eda", "--data-dir", args.data_dir, "--out",
                                      tempfile.mkdtemp(prefix="flaxdigits-eda-")],
   }
   if args.only:
     commands = {k: v for k, v in commands.items() if k.split()[1] in args.only}
-  for name, command in commands.items():
-    filled = tempfile.mkdtemp(prefix="flaxdigits-xla-")
-    timed(command, os.environ | {"FLAXDIGITS_CACHE_DIR": filled})
-    empty, warm = [], []
+  launchers = {"this": [shutil.which("digits")]}
+  if args.against:
+    launchers["against"] = [sys.executable, "-c", CLI, str(args.against.resolve())]
+  for name, arguments in commands.items():
+    filled = {who: tempfile.mkdtemp(prefix="flaxdigits-xla-") for who in launchers}
+    empty: dict[str, list[float]] = {who: [] for who in launchers}
+    warm: dict[str, list[float]] = {who: [] for who in launchers}
+    for who, launcher in launchers.items():
+      timed(launcher + arguments, os.environ | {"FLAXDIGITS_CACHE_DIR": filled[who]})
     for _ in range(args.runs):
-      cache = tempfile.mkdtemp(prefix="flaxdigits-xla-")
-      empty.append(timed(command, os.environ | {"FLAXDIGITS_CACHE_DIR": cache}))
-      shutil.rmtree(cache, ignore_errors=True)
-      warm.append(timed(command, os.environ | {"FLAXDIGITS_CACHE_DIR": filled}))
-    shutil.rmtree(filled, ignore_errors=True)
-    print(f"{name:28s} {len(warm)} runs each: with cache median {statistics.median(warm):5.2f} s"
-          f" ({min(warm):.2f}-{max(warm):.2f}); empty cache median "
-          f"{statistics.median(empty):5.2f} s ({min(empty):.2f}-{max(empty):.2f})")
+      for who, launcher in launchers.items():  # alternating: drift hits both alike
+        cache = tempfile.mkdtemp(prefix="flaxdigits-xla-")
+        empty[who].append(timed(launcher + arguments,
+                                os.environ | {"FLAXDIGITS_CACHE_DIR": cache}))
+        shutil.rmtree(cache, ignore_errors=True)
+        warm[who].append(timed(launcher + arguments,
+                               os.environ | {"FLAXDIGITS_CACHE_DIR": filled[who]}))
+    for who in launchers:
+      shutil.rmtree(filled[who], ignore_errors=True)
+      label = name if len(launchers) == 1 else f"{name} [{who}]"
+      print(f"{label:38s} {len(warm[who])} runs each: with cache median "
+            f"{statistics.median(warm[who]):5.2f} s ({min(warm[who]):.2f}-{max(warm[who]):.2f}); "
+            f"empty cache median {statistics.median(empty[who]):5.2f} s "
+            f"({min(empty[who]):.2f}-{max(empty[who]):.2f})")
 
 
 if __name__ == "__main__":

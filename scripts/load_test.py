@@ -12,8 +12,9 @@ digit), each with a 30 s time-out, the whole run bounded by --max-seconds. Kinds
          JSON data URL
   photo  a 112 px dark-on-light PNG as a multipart upload
 Prints requests/s, latency percentiles, the count of each status, accuracy, and the server's
-resident memory after the first 100 requests and at the end, and the CPU time per request of the
-server and of the clients (all on the same cores). Warm-up requests are not counted.
+resident memory (with its preprocessing processes) after the first 100 requests and at the end,
+and the CPU time per request of the server's own process and of the clients (all on the same
+cores). Warm-up requests are not counted.
 With --against DIR (a checkout of another commit, sharing this environment), each round runs
 both servers one after the other, this one first. Exits 1 on any failure but 503s, or on 503s
 without --allow-busy.
@@ -85,10 +86,26 @@ def photo_request(digit_28x28: np.ndarray) -> tuple[bytes, str]:
 
 
 def rss_mb(pid: int) -> float:
-  for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-    if line.startswith("VmRSS:"):
-      return int(line.split()[1]) / 1024
-  return float("nan")
+  """Resident memory of a process and every process below it (its preprocessing workers)."""
+  parents = {}
+  for stat in Path("/proc").glob("[0-9]*/stat"):
+    try:
+      parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    except (OSError, ValueError):
+      continue
+  tree, frontier = [pid], [pid]
+  while frontier:
+    frontier = [child for child, parent in parents.items() if parent in frontier]
+    tree += frontier
+  total = 0.0
+  for member in tree:
+    try:
+      for line in Path(f"/proc/{member}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+          total += int(line.split()[1]) / 1024
+    except OSError:
+      pass
+  return total
 
 
 def cpu_seconds(pid: int) -> float:
@@ -218,7 +235,7 @@ def main() -> None:
       print(f"round {round_ + 1} {name}: {r['done']} {kind} requests from {args.clients} "
             f"clients in {r['wall']:.1f} s: {r['done'] / r['wall']:.1f} requests/s; latency p50 "
             f"{r['p50']:.0f} ms, p90 {r['p90']:.0f} ms, p99 {r['p99']:.0f} ms, max "
-            f"{r['max']:.0f} ms; CPU per request: server {r['cpu_ms']:.1f} ms, clients "
+            f"{r['max']:.0f} ms; CPU per request: server process {r['cpu_ms']:.1f} ms, clients "
             f"{r['client_cpu_ms']:.1f} ms; statuses {statuses}; "
             f"correct {r['correct']}/{r['done']}; "
             f"server memory {memory}", flush=True)

@@ -46,7 +46,7 @@ def test_concurrent_requests_share_model_calls_and_each_gets_its_own_answer():
   expected = predictor.probabilities(np.stack(inputs))
   for i, (result, want) in enumerate(zip(results, expected)):
     assert result.source == f"#{i}" and result.digit == int(np.argmax(want))
-    np.testing.assert_allclose(result.probabilities, want, rtol=1e-5)
+    np.testing.assert_allclose(result.probabilities, want, atol=1e-6)  # batches of any size
   assert sum(sizes) == 32 and len(sizes) < 32 and max(sizes) > 1, sizes
   assert batcher.pending == 0
 

@@ -32,7 +32,7 @@ def digit_png(small, tmp_path_factory) -> Path:
 
 def test_every_script_has_a_smoke_test():
   tested = {"bench_cold.py", "bench_eval.py", "bench_hostile.py", "bench_predict.py",
-            "bench_startup.py", "bench_train.py", "benchmark.py", "check_export.py",
+            "bench_preprocess.py", "bench_startup.py", "bench_train.py", "benchmark.py", "check_export.py",
             "compare_tta.py", "load_test.py", "make_realistic_set.py",
             "flax_example_loop.py"}  # a module benchmark.py and bench_train.py run
   assert {p.name for p in SCRIPTS.glob("*.py")} == tested
@@ -46,6 +46,10 @@ def test_bench_cold(tiny_checkpoint, tiny_data_dir, digit_png):
   out = run("bench_cold.py", "--checkpoint", tiny_checkpoint, "--image", digit_png,
             "--data-dir", tiny_data_dir, "--runs", 1)
   assert "predict" in out and "eval" in out
+  out = run("bench_cold.py", "--checkpoint", tiny_checkpoint, "--image", digit_png,
+            "--data-dir", tiny_data_dir, "--runs", 1, "--only", "predict", "--against",
+            SCRIPTS.parent)
+  assert "[this]" in out and "[against]" in out
 
 
 def test_bench_hostile():
@@ -63,8 +67,10 @@ def test_bench_eval(tiny_checkpoint, tiny_data_dir):
 
 def test_make_realistic_set_and_bench_predict(tiny_checkpoint, tiny_data_dir, tmp_path):
   run("make_realistic_set.py", "--data-dir", tiny_data_dir, "--out", tmp_path / "set",
-      "--per-kind", 2)
-  assert any((tmp_path / "set").rglob("*.png")) or any((tmp_path / "set").rglob("*.jpg"))
+      "--per-kind", 2, "--phone", 1)
+  assert len(list((tmp_path / "set").rglob("*.*"))) == 6 * 2 + 1
+  [phone] = (tmp_path / "set" / "phone").iterdir()
+  assert max(Image.open(phone).size) >= 3000
   out = run("bench_predict.py", "--checkpoint", tiny_checkpoint, "--data-dir", tiny_data_dir,
             "--set", tmp_path / "set")
   assert "overall" in out.lower()
@@ -94,8 +100,16 @@ def test_compare_tta(tiny_checkpoint, tiny_data_dir):
                     tiny_data_dir)
 
 
-def test_load_test(tiny_checkpoint, tiny_data_dir):
+@pytest.mark.parametrize("kind", ["pad", "photo"])
+def test_load_test(tiny_checkpoint, tiny_data_dir, kind):
   pytest.importorskip("uvicorn", reason="needs the serve extra")
   out = run("load_test.py", "--checkpoint", tiny_checkpoint, "--data-dir", tiny_data_dir,
-            "--clients", 2, "--requests", 10, "--max-seconds", 120)
-  assert "requests/s" in out
+            "--kind", kind, "--clients", 2, "--requests", 10, "--max-seconds", 120,
+            *(["--against", SCRIPTS.parent] if kind == "pad" else []))
+  assert out.count("requests/s") == (2 if kind == "pad" else 1) and "statuses 200: 10" in out
+
+
+def test_bench_preprocess(tiny_data_dir):
+  out = run("bench_preprocess.py", "--data-dir", tiny_data_dir, "--count", 1, "--rounds", 1,
+            "--repeats", 1, "--against", SCRIPTS.parent)
+  assert "median over rounds, this" in out and "median over rounds, against" in out
