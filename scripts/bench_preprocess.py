@@ -6,7 +6,8 @@ Inputs, all as encoded bytes (what the server and `digits predict` receive), mad
 test digits by scripts/make_realistic_set.py's renderers:
   phone-12mp  12-megapixel phone photos (4000x3000 JPEGs, some with an EXIF rotation)
   wild        photos, scans and canvas exports of 100-600 px (the realistic set's six kinds)
-  pad-280     the drawing pad's upload: a 280x280 opaque PNG, black strokes on white
+  pad-280     the drawing pad's canvas: a 280x280 opaque PNG, black strokes on white
+  pad-160     the same, shrunk to the 160 px the page uploads
 
 Each round runs every checkout in a fresh process (alternating, so that drift hits all alike),
 which warms up on the inputs once and then times each input --repeats times, keeping its best.
@@ -29,17 +30,17 @@ from PIL import Image
 HERE = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(HERE / "scripts"))
 
-KINDS = ("phone-12mp", "wild", "pad-280")
+KINDS = ("phone-12mp", "wild", "pad-280", "pad-160")
 
 
-def pad_png(ink28: np.ndarray) -> bytes:
-  """What the page's canvas sends: 280x280 RGBA, opaque, black ink on white."""
+def pad_png(ink28: np.ndarray, side: int = 280) -> bytes:
+  """The page's 280x280 canvas (RGBA, opaque, black ink on white) as a PNG of `side` px."""
   ink = np.asarray(Image.fromarray(ink28).resize((200, 200), Image.BICUBIC)) / 255.0
   gray = np.full((280, 280), 255.0)
   gray[40:240, 40:240] = 255 * (1 - np.clip(ink * 1.6, 0, 1))  # canvas strokes are solid
   rgba = np.dstack([np.uint8(gray)] * 3 + [np.full((280, 280), 255, np.uint8)])
   buffer = io.BytesIO()
-  Image.fromarray(rgba, "RGBA").save(buffer, "PNG")
+  Image.fromarray(rgba, "RGBA").resize((side, side), Image.BOX).save(buffer, "PNG")
   return buffer.getvalue()
 
 
@@ -61,6 +62,7 @@ def make_inputs(images: np.ndarray, count: int, seed: int = 0) -> dict[str, list
     image.save(buffer, "JPEG" if ext == "jpg" else "PNG", quality=85)
     inputs["wild"].append(buffer.getvalue())
     inputs["pad-280"].append(pad_png(images[i]))
+    inputs["pad-160"].append(pad_png(images[i], 160))
   return inputs
 
 

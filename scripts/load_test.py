@@ -6,7 +6,8 @@
 
 Starts `digits serve` on a free loopback port, waits for /healthz, then --clients threads, each
 with one keep-alive connection, send --requests POST /api/predict in all (each a different test
-digit), each with a 30 s time-out, the whole run bounded by --max-seconds. Kinds of request:
+digit), each with a 30 s time-out, the whole run bounded by --max-seconds; a client answered 503
+waits the second its Retry-After asks before its next request. Kinds of request:
   pad    what the page sends while you draw: its 280x280 canvas (black on white) as a PNG of
          --pad-side px (the page sends 160; it sent 280 before it shrank the drawing), in a
          JSON data URL
@@ -179,6 +180,8 @@ def load(pid: int, port: int, args, requests, labels) -> dict:
         connection.close()
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
       elapsed = time.perf_counter() - start
+      if status == 503:
+        time.sleep(1.0)  # Retry-After: 1, as a well-behaved client waits
       with lock:
         latencies.append(elapsed)
         statuses[status] += 1
