@@ -348,12 +348,13 @@ def serve(
     _fail(f"cannot serve on {host}:{port}: {e.strerror or e}")
   _setup_jax(1)
   from flaxdigits.predict import Predictor  # pylint: disable=import-outside-toplevel
+  if processes is None:
+    processes = os.cpu_count() or 1
   with _user_errors():
     with err.status(f"loading and compiling the model from {checkpoint}/"):
       predictor = Predictor.from_checkpoint(checkpoint)
       app_ = serve_lib.create_app(predictor, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
-                                  max_pending=max_pending,
-                                  processes=os.cpu_count() or 1 if processes is None else processes,
+                                  max_pending=max_pending, processes=processes,
                                   info={"checkpoint": str(checkpoint)})
   _warn_damaged(predictor.meta)
   bound_host, bound_port = sock.getsockname()[:2]

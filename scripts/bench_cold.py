@@ -15,23 +15,12 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-# Runs the CLI of a checkout (its cli/ folder as flaxdigits.cli): `python -c CLI ROOT ARGS...`.
-CLI = """
-import sys, types
-root = sys.argv[1]
-sys.path.insert(0, root)
-import flaxdigits
-cli = types.ModuleType("flaxdigits.cli"); cli.__path__ = [root + "/cli"]
-sys.modules["flaxdigits.cli"] = flaxdigits.cli = cli
-from flaxdigits.cli.main import main
-sys.argv = ["digits", *sys.argv[2:]]
-main()
-"""
+import _checkout
+
 
 
 def timed(command: list[str], env: dict) -> float:
@@ -59,7 +48,7 @@ def main() -> None:
     commands = {k: v for k, v in commands.items() if k.split()[1] in args.only}
   launchers = {"this": [shutil.which("digits")]}
   if args.against:
-    launchers["against"] = [sys.executable, "-c", CLI, str(args.against.resolve())]
+    launchers["against"] = _checkout.digits(args.against.resolve())
   for name, arguments in commands.items():
     filled = {who: tempfile.mkdtemp(prefix="flaxdigits-xla-") for who in launchers}
     empty: dict[str, list[float]] = {who: [] for who in launchers}

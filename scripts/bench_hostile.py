@@ -26,19 +26,14 @@ import time
 import zlib
 from pathlib import Path
 
+import _checkout
 import numpy as np
 from PIL import Image
 
 HERE = Path(__file__).resolve().parents[1]
-# Imports the code of a checkout (its cli/ folder as flaxdigits.cli), then runs the case and
-# prints "seconds peak_mb outcome".
-PRELUDE = """
-import sys, time, types
-root = sys.argv[1]
-sys.path.insert(0, root)
-import flaxdigits
-cli = types.ModuleType("flaxdigits.cli"); cli.__path__ = [root + "/cli"]
-sys.modules["flaxdigits.cli"] = flaxdigits.cli = cli
+# Imports the code of a checkout, then runs the case and prints "seconds peak_mb outcome".
+PRELUDE = _checkout.IMPORT + """
+import time
 def report(start, outcome):
   peak = [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0].split()[1]
   print(f"{time.perf_counter() - start:.2f} {int(peak) // 1024} {outcome[:70]!r}")

@@ -38,22 +38,11 @@ import threading
 import time
 from pathlib import Path
 
+import _checkout
 import numpy as np
 from PIL import Image
 
 HERE = Path(__file__).resolve().parents[1]
-# Runs the CLI of a checkout (its cli/ folder as flaxdigits.cli): `python -c SERVE ROOT ARGS...`.
-SERVE = """
-import sys, types
-root = sys.argv[1]
-sys.path.insert(0, root)
-import flaxdigits
-cli = types.ModuleType("flaxdigits.cli"); cli.__path__ = [root + "/cli"]
-sys.modules["flaxdigits.cli"] = flaxdigits.cli = cli
-from flaxdigits.cli.main import main
-sys.argv = ["digits", *sys.argv[2:]]
-main()
-"""
 
 
 def free_port() -> int:
@@ -117,7 +106,7 @@ def cpu_seconds(pid: int) -> float:
 
 def start_server(root: Path, checkpoint: str, port: int, log,
                  extra: list[str]) -> subprocess.Popen:
-  server = subprocess.Popen([sys.executable, "-c", SERVE, str(root), "serve", "-c", checkpoint,
+  server = subprocess.Popen([*_checkout.digits(root), "serve", "-c", checkpoint,
                              "--port", str(port), *extra], stdout=subprocess.DEVNULL, stderr=log)
   deadline = time.monotonic() + 180
   while True:

@@ -1,0 +1,26 @@
+"""Running the code of another checkout (another commit) in this environment, for benchmarks
+that compare two releases side by side."""
+
+import sys
+from pathlib import Path
+
+# Imports the flaxdigits of the checkout at sys.argv[1], with its cli/ folder as flaxdigits.cli
+# (an installed flaxdigits maps it so; a bare checkout does not).
+IMPORT = """
+import sys, types
+root = sys.argv[1]
+sys.path.insert(0, root)
+import flaxdigits
+cli = types.ModuleType("flaxdigits.cli"); cli.__path__ = [root + "/cli"]
+sys.modules["flaxdigits.cli"] = flaxdigits.cli = cli
+"""
+_CLI = IMPORT + """
+from flaxdigits.cli.main import main
+sys.argv = ["digits", *sys.argv[2:]]
+main()
+"""
+
+
+def digits(root: Path) -> list[str]:
+  """The command line that runs `digits` from the checkout at `root`: append its arguments."""
+  return [sys.executable, "-c", _CLI, str(root)]
