@@ -49,7 +49,10 @@ class Batcher:
     predictor: the model; its `probabilities` runs on the batches.
     processes: preprocessing processes. Preprocessing is mostly many small NumPy and Pillow
       calls that hold Python's global lock, so threads share one core between them and the
-      server; processes use every core. 0 (the default) preprocesses on threads instead.
+      server; processes use every core. 0 (the default) preprocesses on threads instead. The
+      processes start through multiprocessing's forkserver (spawn where there is none), which
+      imports the program's main module in each: guard its work with
+      `if __name__ == "__main__":`.
     threads: preprocessing threads when processes is 0 (default: one per core).
     max_pending: requests admitted at once, from arrival to answer; more raise Busy.
     max_batch: the most images in one model call.
