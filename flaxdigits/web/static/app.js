@@ -188,8 +188,9 @@ async function shrunk(file) {
   context.imageSmoothingQuality = "high";
   context.drawImage(bitmap, 0, 0, canvas.width, canvas.height);
   bitmap.close();
-  // JPEG for photos; PNG where transparency may carry the drawing.
-  const type = file.type === "image/jpeg" ? "image/jpeg" : "image/png";
+  // PNG where transparency may carry the drawing; JPEG for photos (JPEG, HEIC, ...).
+  const type = ["image/png", "image/gif", "image/webp"].includes(file.type) ? "image/png"
+                                                                             : "image/jpeg";
   const blob = await new Promise((resolve) => canvas.toBlob(resolve, type, 0.92));
   return blob || file;
 }
