@@ -24,8 +24,9 @@ from collections.abc import Callable
 
 import numpy as np
 
+from flaxdigits import _worker
 from flaxdigits.predict import Prediction, Predictor, prediction
-from flaxdigits.preprocess import MIN_SIDE, ImageSource, to_mnist
+from flaxdigits.preprocess import ImageSource, to_mnist
 
 MAX_PENDING = 64
 MAX_BATCH = 64
@@ -95,19 +96,20 @@ class Batcher:
     return self._queue.qsize() if self._queue is not None else 0
 
   def _process_pool(self) -> concurrent.futures.ProcessPoolExecutor:
-    # Not fork: this process runs JAX's threads. The workers import NumPy, SciPy and Pillow only.
+    # Not fork: this process runs JAX's threads. The workers import the preprocessing (NumPy,
+    # SciPy, Pillow) and, as multiprocessing does, the program's main module; not JAX.
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     return concurrent.futures.ProcessPoolExecutor(self._processes, mp_context=context,
-                                                  initializer=_exit_with_parent)
+                                                  initializer=_worker.exit_with_parent)
 
   def warm_up(self) -> None:
     """Compiles every batch shape the collector can use, and starts the preprocessing processes,
     before the first request."""
     self.predictor.warm_up(up_to=self.max_batch)
     if self._processes:
-      blank = np.zeros((MIN_SIDE, MIN_SIDE), np.uint8)
-      concurrent.futures.wait([self._pool.submit(_try, blank) for _ in range(self._processes)])
+      concurrent.futures.wait([self._pool.submit(_worker.warm_up)
+                               for _ in range(self._processes)])
 
   async def predict(self, source: ImageSource, name: str = "<upload>") -> Prediction:
     """Preprocesses `source` and classifies it in the next batch; Busy if too many are pending."""
@@ -199,25 +201,3 @@ class Batcher:
     await asyncio.to_thread(self._pool.shutdown, wait=True, cancel_futures=True)
     self._model.shutdown(wait=False, cancel_futures=True)
 
-
-def _try(source: ImageSource) -> None:
-  """Preprocesses `source`, whatever the outcome (warms a worker up: imports, first calls)."""
-  try:
-    to_mnist(source)
-  except ValueError:
-    pass
-
-
-def _exit_with_parent() -> None:
-  """Runs in each preprocessing process: ends it as soon as the server's process is gone, even
-  if that was killed and never shut its pool down."""
-  import multiprocessing.connection  # pylint: disable=import-outside-toplevel
-  import threading  # pylint: disable=import-outside-toplevel
-  parent = multiprocessing.parent_process()
-  if parent is None:
-    return
-
-  def watch() -> None:
-    multiprocessing.connection.wait([parent.sentinel])
-    os._exit(0)  # pylint: disable=protected-access
-  threading.Thread(target=watch, daemon=True, name="flaxdigits-watch-parent").start()
