@@ -115,7 +115,7 @@ class Norm(str, enum.Enum):
 @app.command()
 def train(
     epochs: Annotated[Optional[int], typer.Option(
-        help="Passes over the 60,000 training images.  [default: 5; presets: fast 2, best 15]",
+        help="Passes over the 60,000 training images.  \\[default: 5; presets: fast 2, best 15]",
         show_default=False)] = None,
     preset: Annotated[Optional[Preset], typer.Option(
         help="A named recipe: default (99.5% in 5 epochs), fast (a narrower CNN for the "
@@ -123,17 +123,17 @@ def train(
         "Options given explicitly override it.",
         show_default=False)] = None,
     batch_size: Annotated[Optional[int], typer.Option(
-        help="Global batch, split across devices.  [default: 128]", show_default=False)] = None,
+        help="Global batch, split across devices.  \\[default: 128]", show_default=False)] = None,
     lr: Annotated[Optional[float], typer.Option(
-        help="Peak learning rate of the one-cycle schedule.  [default: 3e-3]",
+        help="Peak learning rate of the one-cycle schedule.  \\[default: 3e-3]",
         show_default=False)] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Random seed.  [default: 0]",
+    seed: Annotated[Optional[int], typer.Option(help="Random seed.  \\[default: 0]",
                                                 show_default=False)] = None,
     norm: Annotated[Optional[Norm], typer.Option(
-        help="Batch normalisation after every conv, or none.  [default: none; preset best: "
+        help="Batch normalisation after every conv, or none.  \\[default: none; preset best: "
         "batch]", show_default=False)] = None,
     dropout: Annotated[Optional[float], typer.Option(
-        help="Dropout rate on the dense layers' inputs, in training.  [default: 0]",
+        help="Dropout rate on the dense layers' inputs, in training.  \\[default: 0]",
         show_default=False)] = None,
     data_dir: DataDir = None,
     checkpoint: Checkpoint = Path("ckpt"),
@@ -328,7 +328,7 @@ def serve(
         "Retry-After.")] = 64,
     processes: Annotated[Optional[int], typer.Option(
         min=0, help="Processes that preprocess uploads (0: threads of the server's own "
-        "process).  [default: one per core]", show_default=False)] = None,
+        "process).  \\[default: one per core]", show_default=False)] = None,
     access_log: Annotated[bool, typer.Option(help="One line per request on stdout, in "
                                              "uvicorn's format.")] = True,
 ):
@@ -391,7 +391,7 @@ def export_(
                                               "tflite (LiteRT on Android and iOS).")],
     checkpoint: Checkpoint = Path("ckpt"),
     out: Annotated[Optional[Path], typer.Option(
-        help="Output file.  [default: digits.onnx or digits.tflite]", show_default=False)] = None,
+        help="Output file.  \\[default: digits.onnx or digits.tflite]", show_default=False)] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace existing files.")] = False,
     json_out: Json = False,
 ):

@@ -107,6 +107,15 @@ def test_help_does_not_import_jax():
   assert "train" in result.stdout and "eval" in result.stdout
 
 
+@pytest.mark.parametrize("command, default", [
+    ("train", "[default: 5; presets: fast 2, best 15]"), ("train", "[default: 128]"),
+    ("serve", "[default: one per core]"), ("export", "[default: digits.onnx or digits.tflite]")])
+def test_help_shows_defaults_written_by_hand(command, default):
+  # Rich read "[default: 128]" as a style tag and dropped it from the help.
+  result = runner.invoke(app, [command, "--help"], env={"COLUMNS": "250"})
+  assert result.exit_code == 0 and default in result.stdout
+
+
 @pytest.mark.slow  # a whole digits process
 def test_ctrl_c_saves_checkpoint_and_exits_130(tiny_data_dir, tmp_path):
   import os
