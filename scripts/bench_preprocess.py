@@ -29,6 +29,7 @@ from PIL import Image
 
 HERE = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(HERE / "scripts"))
+import _checkout  # noqa: E402  (scripts/, just put on the path)
 
 KINDS = ("phone-12mp", "wild", "pad-280", "pad-160")
 
@@ -66,9 +67,8 @@ def make_inputs(images: np.ndarray, count: int, seed: int = 0) -> dict[str, list
   return inputs
 
 
-CHILD = """
-import json, pickle, sys, time
-sys.path.insert(0, sys.argv[1])
+CHILD = _checkout.IMPORT + """
+import json, pickle, time
 from flaxdigits.preprocess import to_mnist
 inputs, repeats = pickle.load(open(sys.argv[2], "rb")), int(sys.argv[3])
 for data in [d for kind in inputs.values() for d in kind]:

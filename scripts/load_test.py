@@ -40,6 +40,7 @@ from pathlib import Path
 
 import _checkout
 import numpy as np
+from bench_preprocess import pad_png
 from PIL import Image
 
 HERE = Path(__file__).resolve().parents[1]
@@ -52,15 +53,8 @@ def free_port() -> int:
 
 
 def pad_request(digit_28x28: np.ndarray, side: int = 160) -> tuple[bytes, str]:
-  """The page's request while drawing: its 280x280 canvas (black strokes on white), as an
-  opaque PNG of `side` px, in a JSON data URL."""
-  ink = np.asarray(Image.fromarray(digit_28x28).resize((200, 200), Image.BICUBIC)) / 255.0
-  gray = np.full((280, 280), 255.0)
-  gray[40:240, 40:240] = 255 * (1 - np.clip(ink * 1.6, 0, 1))
-  rgba = np.dstack([np.uint8(gray)] * 3 + [np.full((280, 280), 255, np.uint8)])
-  buffer = io.BytesIO()
-  Image.fromarray(rgba, "RGBA").resize((side, side), Image.BOX).save(buffer, "PNG")
-  url = "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+  """The page's request while drawing: its canvas as a PNG of `side` px in a JSON data URL."""
+  url = "data:image/png;base64," + base64.b64encode(pad_png(digit_28x28, side)).decode()
   return json.dumps({"image": url}).encode(), "application/json"
 
 

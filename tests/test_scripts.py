@@ -32,8 +32,8 @@ def digit_png(small, tmp_path_factory) -> Path:
 
 def test_every_script_has_a_smoke_test():
   tested = {"bench_cold.py", "bench_eval.py", "bench_hostile.py", "bench_predict.py",
-            "bench_preprocess.py", "bench_startup.py", "bench_train.py", "benchmark.py", "check_export.py",
-            "compare_tta.py", "load_test.py", "make_realistic_set.py",
+            "bench_preprocess.py", "bench_startup.py", "bench_train.py", "benchmark.py",
+            "check_export.py", "compare_tta.py", "load_test.py", "make_realistic_set.py",
             "flax_example_loop.py"}  # a module benchmark.py and bench_train.py run
   assert {p.name for p in SCRIPTS.glob("*.py") if not p.name.startswith("_")} == tested
 
@@ -113,3 +113,15 @@ def test_bench_preprocess(tiny_data_dir):
   out = run("bench_preprocess.py", "--data-dir", tiny_data_dir, "--count", 1, "--rounds", 1,
             "--repeats", 1, "--against", SCRIPTS.parent)
   assert "median over rounds, this" in out and "median over rounds, against" in out
+
+
+def test_checkout_runs_a_checkouts_own_cli():
+  # scripts/_checkout.py: how the side-by-side benchmarks run another commit's code.
+  sys.path.insert(0, str(SCRIPTS))
+  try:
+    import _checkout
+  finally:
+    sys.path.remove(str(SCRIPTS))
+  done = subprocess.run([*_checkout.digits(SCRIPTS.parent), "--help"], capture_output=True,
+                        text=True, timeout=120)
+  assert done.returncode == 0 and "train" in done.stdout and "serve" in done.stdout
