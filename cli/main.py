@@ -59,10 +59,50 @@ def _user_errors():
     _fail(e)
 
 
-def _fail(text: object) -> NoReturn:
+# "process I: " before every error in a job of several processes; set by _join_job.
+_WHO = ""
+
+
+def _fail(text: object, code: int = 1) -> NoReturn:
   """One red line on stderr (the text shown as it is, never as markup), then exit code 1."""
-  err.print(message("error", "bold red", text), highlight=False, soft_wrap=True)
-  raise typer.Exit(1)
+  err.print(message(f"{_WHO}error", "bold red", text), highlight=False, soft_wrap=True)
+  _exit(code)
+
+
+def _exit(code: int) -> NoReturn:
+  """Exits with `code`. In a job of several processes, at once: JAX's exit handler would wait
+  minutes in a barrier for peers that are gone or stuck in a collective, and the peers see this
+  process's connections close and end as well."""
+  if _WHO:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)  # pylint: disable=protected-access
+  raise typer.Exit(code)
+
+
+def _join_job(coordinator: Optional[str], num_processes: Optional[int],
+              process_id: Optional[int]) -> bool:
+  """Joins the multi-process job configured by the options, their environment variables or the
+  cluster (SLURM, Open MPI, Cloud TPU); True if this process is process 0 (or alone)."""
+  global _WHO  # pylint: disable=global-statement
+  from flaxdigits import distributed  # pylint: disable=import-outside-toplevel
+  if coordinator is not None and process_id is None and "JOB_COMPLETION_INDEX" in os.environ:
+    process_id = int(os.environ["JOB_COMPLETION_INDEX"])  # a Kubernetes indexed Job's pod
+  with _user_errors():
+    try:
+      job = distributed.initialize(coordinator, num_processes, process_id)
+    except RuntimeError as e:  # JAX's: the coordinator cannot be reached, a timeout
+      raise ValueError(f"cannot join the job: {str(e).strip().splitlines()[0]}") from None
+  if job.num_processes > 1:
+    _WHO = f"process {job.process_id}: "
+    # Gloo writes a line to file descriptor 1 for every connection it makes: drop those, keeping
+    # Python's stdout (progress, --json) on the real one.
+    sys.stdout.flush()
+    sys.stdout = os.fdopen(os.dup(1), "w", buffering=1)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+  return job.process_id == 0
 
 
 def _warn_damaged(meta: dict) -> None:
@@ -141,13 +181,27 @@ def train(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     json_out: Json = False,
     cpu_devices: CpuDevices = 0,
+    coordinator: Annotated[Optional[str], typer.Option(
+        envvar="FLAXDIGITS_COORDINATOR", show_default=False, rich_help_panel="Multi-process",
+        help="HOST:PORT of process 0, to train as one process of a job. Under SLURM, Open MPI "
+        "or on a Cloud TPU slice the job is found without it.")] = None,
+    num_processes: Annotated[Optional[int], typer.Option(
+        envvar="FLAXDIGITS_NUM_PROCESSES", show_default=False, rich_help_panel="Multi-process",
+        help="How many processes the job has.")] = None,
+    process_id: Annotated[Optional[int], typer.Option(
+        envvar="FLAXDIGITS_PROCESS_ID", show_default=False, rich_help_panel="Multi-process",
+        help="This process's index in the job, from 0 (default with --coordinator: "
+        "$JOB_COMPLETION_INDEX).")] = None,
 ):
   """Train the CNN on MNIST, evaluating on the test set after every epoch."""
   _setup_jax(cpu_devices)
+  primary = _join_job(coordinator, num_processes, process_id)
   from flaxdigits import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
   from flaxdigits.config import preset as preset_configs  # pylint: disable=import-outside-toplevel
   from flaxdigits.training import train as train_fn  # pylint: disable=import-outside-toplevel
-  console = err if json_out else Console()
+  if not primary:  # one voice: process 0 reports; the others only name their errors
+    quiet, json_out = True, False
+  console = err if json_out else Console(quiet=not primary)
   with _user_errors():
     given = {k: v for k, v in dict(batch_size=batch_size, learning_rate=lr, seed=seed,
                                    epochs=epochs).items() if v is not None}
@@ -174,8 +228,9 @@ def train(
         step = manager.latest_step()
       where = ("before the first checkpoint was saved; nothing to resume" if step is None else
                f"checkpoint at step {step} in {checkpoint}/; continue with --resume")
-      err.print(message("interrupted", "yellow", where), highlight=False, soft_wrap=True)
-      raise typer.Exit(130) from None
+      if primary:
+        err.print(message("interrupted", "yellow", where), highlight=False, soft_wrap=True)
+      _exit(130)
   if json_out:
     print(json.dumps({"checkpoint": str(checkpoint), "step": int(result.state.step),
                       "history": result.history,
@@ -430,12 +485,51 @@ def _save_preprocessed(results, folder: Path) -> None:
       Image.fromarray((r.image * 255).round().astype("uint8"), "L").save(folder / name)
 
 
+@app.command(context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+             rich_help_panel="Multi-process")
+def launch(
+    ctx: typer.Context,
+    processes: Annotated[int, typer.Option(
+        "--processes", "-n", min=1, max=64, help="How many processes the job has.")] = 2,
+):
+  """Run a digits command as a job of N processes on this machine, to try multi-host training.
+
+  Example: digits launch -n 2 -- train --cpu-devices 2 --epochs 1. Process 0's output is shown;
+  the first process to fail ends the job, and Ctrl-C makes all of them save and stop.
+  """
+  from flaxdigits import launch as launch_lib  # pylint: disable=import-outside-toplevel
+  if not ctx.args:
+    raise typer.BadParameter("name the command to run, e.g. digits launch -n 2 -- train",
+                             param_hint="COMMAND")
+  outcome = launch_lib.run(ctx.args, processes, on_start=lambda index, pid: err.print(
+      f"started process {index} (pid {pid})", style="dim", highlight=False))
+  if outcome.failed is not None:
+    _fail(f"process {outcome.failed} {outcome.reason}; the job was stopped", outcome.returncode)
+  if outcome.returncode:
+    raise typer.Exit(outcome.returncode)
+
+
 def main() -> None:
   try:
     app()
   except KeyboardInterrupt:
-    err.print("[yellow]interrupted[/]")
-    sys.exit(130)
+    err.print(f"[yellow]{_WHO}interrupted[/]")
+    _exit_now(130)
+  except Exception as e:  # pylint: disable=broad-except
+    if not _WHO:  # one process: a bug shows its traceback
+      raise
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "Gloo" in text or "peer" in text:
+      text = f"another process of the job failed or was stopped ({text[:200]})"
+    err.print(message(f"{_WHO}error", "bold red", text), highlight=False, soft_wrap=True)
+    _exit_now(1)
+
+
+def _exit_now(code: int) -> NoReturn:
+  try:
+    _exit(code)
+  except typer.Exit:
+    sys.exit(code)
 
 
 if __name__ == "__main__":

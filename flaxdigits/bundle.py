@@ -3,7 +3,9 @@
 Every checkpoint save also writes `inference.npz` beside the step folders. Loading it needs only
 JAX and NumPy (no Flax, no Orbax), which is most of what a cold `digits predict` would spend
 importing. The program maps float32 images (N, 28, 28) in [0, 1], N any size, to class
-probabilities (N, 10); it is the model's own forward pass, traced and serialized by JAX.
+probabilities (N, 10); it is the model's own forward pass, traced and serialized by JAX for every
+platform in PLATFORMS. A bundle without this platform is refused (ValueError), and callers fall
+back to the checkpoint.
 """
 
 from __future__ import annotations
@@ -22,6 +24,8 @@ import numpy as np
 
 BUNDLE_NAME = "inference.npz"
 FORMAT_VERSION = 2  # 2: the header holds each weight's digest, checked on every load
+# One program for all of them, so a checkpoint trained on a GPU predicts on a laptop and back.
+PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 _UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
 
 
@@ -48,9 +52,9 @@ def write(directory: str | os.PathLike, model: Any, step: int,
     return model_lib.probabilities(module, images_Nx28x28[..., None])
 
   n, = jax.export.symbolic_shape("n")
-  exported = jax.export.export(jax.jit(probabilities))(
-      [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves],
-      jax.ShapeDtypeStruct((n, 28, 28), jnp.float32))
+  exported = _export(jax.jit(probabilities),
+                     [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves],
+                     jax.ShapeDtypeStruct((n, 28, 28), jnp.float32))
   weights = [np.asarray(x) for x in leaves]
   header = {"format": FORMAT_VERSION, "step": int(step), "model": model_config,
             "num_weights": len(weights), "digests": [array_digest(w) for w in weights]}
@@ -62,6 +66,23 @@ def write(directory: str | os.PathLike, model: Any, step: int,
              **{f"weight_{i}": w for i, w in enumerate(weights)})
   os.replace(partial, path)
   return path
+
+
+def _export(fn: Callable, *args: Any) -> jax.export.Exported:
+  """`fn` lowered for every platform in PLATFORMS that lowering allows (this one always)."""
+  try:
+    return jax.export.export(fn, platforms=PLATFORMS)(*args)
+  except Exception:  # pylint: disable=broad-except  # a platform whose lowering fails here
+    here = jax.export.default_export_platform()
+    usable = []
+    for platform in PLATFORMS:
+      try:
+        jax.export.export(fn, platforms=(platform,))(*args)
+        usable.append(platform)
+      except Exception:  # pylint: disable=broad-except
+        if platform == here:
+          raise
+    return jax.export.export(fn, platforms=tuple(usable))(*args)
 
 
 def find(checkpoint_dir: str | os.PathLike) -> Path | None:
@@ -94,6 +115,10 @@ def load(path: str | os.PathLike) -> Bundle:
       weights = [archive[f"weight_{i}"] for i in range(header["num_weights"])]
   except _UNREADABLE as e:
     raise ValueError(f"inference bundle {path} is unreadable: {e}") from None
+  here = jax.export.default_export_platform()
+  if here not in exported.platforms:
+    raise ValueError(f"inference bundle {path} was exported for {', '.join(exported.platforms)}, "
+                     f"not {here}")
   if [array_digest(w) for w in weights] != header["digests"]:
     raise ValueError(f"inference bundle {path} is damaged: its weights differ from their digests")
   weights = jax.device_put(weights)

@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from flaxdigits import bundle
+from flaxdigits import bundle, distributed
 from flaxdigits.config import ModelConfig, TrainConfig
 from flaxdigits.model import CNN, abstract_model
 
@@ -81,6 +81,10 @@ class CheckpointManager:
   def __exit__(self, *exc) -> None:
     self.close()
 
+  def reload(self) -> None:
+    """Re-reads the step folders (another process may have renamed some)."""
+    self._manager.reload()
+
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
@@ -98,22 +102,31 @@ class CheckpointManager:
     step = int(state.step)
     if step in self._manager.all_steps():
       return
+    host = jax.device_get(state)
     # Orbax writes host arrays in ~0.2 s; replicated device arrays cost it ~1.1 s a save here.
-    state = jax.device_get(state)
+    # Across processes every one saves together, and only arrays on the global mesh can be saved
+    # that way (process 0 writes the replicated ones).
+    if jax.process_count() == 1:
+      state = host
     variables = nnx.merge_state(*state.variables())  # all a model needs: params, batch stats
     trainer = {"step": state.step, "opt_state": state.opt_state, "key": state.key}
+    host_variables = nnx.merge_state(*host.variables())
     meta = {"format": FORMAT_VERSION, "step": step, "model": model_config.to_dict(),
             "train": train_config.to_dict(), "train_examples": int(train_examples),
             "history": history,
-            "digests": {"params": digests(variables), "trainer": digests(trainer)}}
+            "digests": {"params": digests(host_variables),
+                        "trainer": digests({"step": host.step, "opt_state": host.opt_state,
+                                            "key": host.key})}}
     try:
       self._manager.save(step, args=ocp.args.Composite(
           params=ocp.args.StandardSave(variables), trainer=ocp.args.StandardSave(trainer),
           meta=ocp.args.JsonSave(meta)))
-      graphdef = nnx.graphdef(abstract_model(model_config))
-      bundle.write(self.directory, nnx.merge(graphdef, variables), step, meta["model"])
+      if jax.process_index() == 0:  # the sidecar: one writer
+        graphdef = nnx.graphdef(abstract_model(model_config))
+        bundle.write(self.directory, nnx.merge(graphdef, host_variables), step, meta["model"])
     except BaseException:
-      self._remove_unfinished()
+      if jax.process_index() == 0:
+        self._remove_unfinished()
       raise
 
   def _remove_unfinished(self) -> None:
@@ -222,29 +235,37 @@ def _remove(path: Path) -> None:
     path.unlink(missing_ok=True)
 
 
-def _abstract(tree: Any) -> Any:
-  """Restore targets on this process's first device.
+def _abstract(tree: Any, mesh: jax.sharding.Mesh | None = None) -> Any:
+  """Restore targets: on this process's first device, or replicated over `mesh` in a job of
+  several processes (which all restore together).
 
   Without an explicit sharding Orbax restores onto the devices the checkpoint was written from,
-  which fails when the device count differs (trained on 2 CPU devices, evaluated on 1, say).
-  Callers replicate onto their own mesh afterwards.
+  which fails when the topology differs (trained by 2 processes on 2 CPU devices each, evaluated
+  by 1 on 1 device, say). Callers replicate onto their own mesh afterwards.
   """
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=device), tree)
+  if mesh is not None and jax.process_count() > 1:
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  else:
+    sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
 
 
 def refuse_existing(directory: str | os.PathLike) -> None:
   """A new run must not write into a folder holding another run's checkpoint: its steps would
-  overwrite that run's and interleave with them."""
+  overwrite that run's and interleave with them.
+
+  Reads the folder listing only (Orbax names finished steps by their number): opening an Orbax
+  manager is a collective in a job of several processes, and this check runs before the job's
+  processes agree on anything.
+  """
   path = Path(directory)
   if not path.is_dir():
     if path.exists():
       raise ValueError(f"checkpoint path {path} is a file, not a folder")
     return
-  with CheckpointManager(directory, read_only=True) as manager:
-    step = manager.latest_step()
-  if step is not None:
-    raise ValueError(f"{directory} already holds a checkpoint (step {step}); resume it "
+  steps = [int(p.name) for p in path.iterdir() if p.name.isdigit() and p.is_dir()]
+  if steps:
+    raise ValueError(f"{directory} already holds a checkpoint (step {max(steps)}); resume it "
                      "(--resume) or choose another checkpoint directory")
 
 
@@ -322,7 +343,8 @@ def resume_configs(checkpoint_dir: str | os.PathLike, *, epochs: int | None = No
 
 
 def restore_for_resume(manager: CheckpointManager, state: Any, model_config: ModelConfig,
-                       train_config: TrainConfig, train_examples: int):
+                       train_config: TrainConfig, train_examples: int,
+                       mesh: jax.sharding.Mesh | None = None):
   """Restores a TrainState shaped like `state` from the newest step that reads back whole.
 
   Newer damaged steps are set aside (renamed, not deleted) so the run can write those steps
@@ -332,7 +354,7 @@ def restore_for_resume(manager: CheckpointManager, state: Any, model_config: Mod
     ValueError: the configs or the training set differ from the checkpoint's (resolve_resume).
     CheckpointDamaged: no step reads back whole.
   """
-  abstract = _abstract(state)
+  abstract = _abstract(state, mesh)
   items = {"params": nnx.merge_state(*abstract.variables()),
            "trainer": {"step": abstract.step, "opt_state": abstract.opt_state,
                        "key": abstract.key}}
@@ -345,8 +367,12 @@ def restore_for_resume(manager: CheckpointManager, state: Any, model_config: Mod
   if saved_examples is not None and saved_examples != train_examples:
     raise ValueError(f"the checkpoint was trained on {saved_examples:,} training images, this "
                      f"data has {train_examples:,}; resume on the same data, or start a new run")
-  for newer in [s for s in manager.steps() if s > meta["step"]]:
-    manager.set_aside(newer)
+  if jax.process_index() == 0:
+    for newer in [s for s in manager.steps() if s > meta["step"]]:
+      manager.set_aside(newer)
+  if jax.process_count() > 1:  # the others see the folder as process 0 left it
+    distributed.barrier("flaxdigits: damaged steps set aside")
+    manager.reload()
   params, batch_stats = nnx.split_state(restored["params"], nnx.Param, nnx.BatchStat)
   trainer = restored["trainer"]
   return (type(state)(trainer["step"], params, batch_stats, trainer["opt_state"], trainer["key"]),

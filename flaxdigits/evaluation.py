@@ -12,7 +12,7 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh
 
-from flaxdigits import parallel
+from flaxdigits import distributed, parallel
 from flaxdigits.augment import rotate, shift_image
 from flaxdigits.config import EVAL_BATCH_SIZE
 from flaxdigits.data import NUM_CLASSES, Split, normalize
@@ -137,7 +137,8 @@ def evaluate(model: nnx.Module, split: Split, *, batch_size: int = EVAL_BATCH_SI
   outputs = [_eval_batch(graphdef, params, images, labels, start, batch_size=batch_size,
                          sharding=parallel.batch_sharded(mesh), tta=tta)
              for start in range(0, padded, batch_size)]
-  loss, predicted, confidence = (np.concatenate(x)[:n] for x in zip(*jax.device_get(outputs)))
+  # One program per batch, none with a collective; then (across processes) one all-gather.
+  loss, predicted, confidence = (x[:n] for x in distributed.gather_rows(list(zip(*outputs))))
   confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
   np.add.at(confusion, (split.labels.astype(np.int64), predicted), 1)
   return EvalResult(accuracy=float(np.trace(confusion) / n),

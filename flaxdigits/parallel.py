@@ -6,14 +6,16 @@ import os
 from typing import Any, Sequence
 
 import jax
+import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 DATA_AXIS = "data"
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """A mesh over `devices` (all local devices by default) with one axis, 'data'."""
-  devices = list(devices) if devices is not None else jax.local_devices()
+  """A mesh over `devices` (by default every device of every process in the job) with one axis,
+  'data'."""
+  devices = list(devices) if devices is not None else jax.devices()
   # Auto axes: the compiler propagates the batch sharding and inserts the gradient all-reduce.
   return jax.make_mesh((len(devices),), (DATA_AXIS,), devices=devices,
                        axis_types=(AxisType.Auto,))
@@ -29,7 +31,16 @@ def batch_sharded(mesh: Mesh) -> NamedSharding:
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
+  """`tree` on every device of the mesh. Across processes each passes its own equal copy: the
+  leaves go through host memory, since one process cannot place its device arrays on another's
+  devices."""
+  if jax.process_count() > 1:
+    tree = jax.tree.map(lambda x: x if _on(x, mesh) else np.asarray(x), tree)
   return jax.device_put(tree, replicated(mesh))
+
+
+def _on(x: Any, mesh: Mesh) -> bool:
+  return isinstance(x, jax.Array) and x.sharding.device_set == set(mesh.devices.flat)
 
 
 def check_divisible(batch_size: int, mesh: Mesh, what: str = "batch_size") -> None:

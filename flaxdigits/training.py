@@ -16,9 +16,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flaxdigits import parallel
+from flaxdigits import distributed, parallel
 from flaxdigits.augment import random_affine, random_shift, random_stroke
 from flaxdigits.config import ModelConfig, TrainConfig
 from flaxdigits.data import Split, normalize
@@ -151,11 +151,51 @@ def _train_chunk(step_fn: Callable, num_steps: int, state: TrainState, images_Nx
   """num_steps steps in one dispatch, fully unrolled: on CPU an XLA loop around a conv step
   runs many times slower than straight-line code, and one dispatch per step wastes the host."""
   idx_KxB = jax.lax.dynamic_slice_in_dim(perm_SxB, start, num_steps)
+  return _run_steps(step_fn, state, images_NxHxW[idx_KxB], labels_N[idx_KxB])
+
+
+def _train_chunk_fed(step_fn: Callable, state: TrainState, images_KxBxHxW: jax.Array,
+                     labels_KxB: jax.Array, stop_D: jax.Array):
+  """_train_chunk for a job of several processes, each feeding its rows of every batch.
+
+  stop_D holds each device's process's interrupt flag; their maximum, returned as the metric
+  "stop", is the same on every process: a decision they all take after the same chunk.
+  """
+  state, totals = _run_steps(step_fn, state, images_KxBxHxW, labels_KxB)
+  return state, totals | {"stop": jnp.max(stop_D)}
+
+
+def _run_steps(step_fn: Callable, state: TrainState, images_KxBxHxW: jax.Array,
+               labels_KxB: jax.Array):
   totals = None
-  for i in range(num_steps):
-    state, metrics = step_fn(state, images_NxHxW[idx_KxB[i]], labels_N[idx_KxB[i]])
+  for i in range(images_KxBxHxW.shape[0]):
+    state, metrics = step_fn(state, images_KxBxHxW[i], labels_KxB[i])
     totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
   return state, totals
+
+
+class _HostFeed:
+  """In a job of several processes: each one's rows of each chunk of global batches, taken from
+  its own host copy of the data, made into global arrays (jax.make_array_from_process_local_data).
+  Every process holds the same epoch permutation, so together they feed exactly the batches one
+  process would."""
+
+  def __init__(self, mesh: Mesh, split: Split, steps: int, batch_size: int):
+    self.images, self.labels = split.images, split.labels.astype(np.int32)
+    self.shape = (steps, batch_size)
+    self.batches = NamedSharding(mesh, P(None, parallel.DATA_AXIS))
+    self.rows = distributed.local_batch(self.batches, self.shape, axis=1)
+    self.flags = parallel.batch_sharded(mesh)
+    self.num_devices = mesh.size
+    self.flag_rows = distributed.local_batch(self.flags, (mesh.size,), axis=0)
+
+  def __call__(self, perm_SxB: np.ndarray, start: int, stop: bool):
+    idx_KxL = perm_SxB[start:start + self.shape[0], self.rows]
+    flags = np.full(self.flag_rows.stop - self.flag_rows.start, stop, np.int32)
+    return (jax.make_array_from_process_local_data(self.batches, self.images[idx_KxL],
+                                                   self.shape + self.images.shape[1:]),
+            jax.make_array_from_process_local_data(self.batches, self.labels[idx_KxL], self.shape),
+            jax.make_array_from_process_local_data(self.flags, flags, (self.num_devices,)))
 
 
 # XLA's CPU backend hands convolutions to YNNPACK by default. Its forward convolutions are fast,
@@ -214,8 +254,8 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
           stop_at_step: int | None = None, evaluate_each_epoch: bool = True) -> TrainResult:
   """Trains the CNN on data["train"], scoring data["test"] after each epoch.
 
-  With checkpoint_dir, saves (state, configs, history) after every epoch, on Ctrl-C (then
-  re-raises KeyboardInterrupt) and at the end; every save first checks that the parameters are
+  With checkpoint_dir, saves (state, configs, history) after every epoch, on Ctrl-C or SIGTERM
+  (then raises KeyboardInterrupt) and at the end; every save first checks that the parameters are
   finite. A second Ctrl-C stops at once without saving, keeping the last checkpoint. With resume,
   continues from the newest checkpoint there that reads back whole (checkpoint.resolve_resume
   says which settings may change). stop_at_step ends training early at a chunk boundary, as an
@@ -238,6 +278,7 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
     raise ValueError("resume needs a checkpoint directory")
   mesh = mesh or parallel.make_mesh()
   parallel.check_divisible(train_config.batch_size, mesh)
+  multi = jax.process_count() > 1
   train_split, test_split = data["train"], data.get("test")
   steps_per_epoch = len(train_split) // train_config.batch_size
   if steps_per_epoch == 0:
@@ -262,7 +303,7 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
     notes: tuple[str, ...] = ()
     if resume:
       state, meta, plan, skipped = checkpoint.restore_for_resume(
-          manager, state, model_config, train_config, len(train_split))
+          manager, state, model_config, train_config, len(train_split), mesh=mesh)
       if plan.train_config != train_config:  # an extension: the added epochs' own cycle
         train_config = plan.train_config
         tx = make_optimizer(train_config, steps_per_epoch)
@@ -273,14 +314,21 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
                   "the damaged step folders were renamed *.damaged-*",)
     total_steps = train_config.epochs * steps_per_epoch
     state = parallel.replicate(state, mesh)
-    images, labels = parallel.replicate(
-        (train_split.images, train_split.labels.astype(np.int32)), mesh)
-
     step_fn = functools.partial(train_step, graphdef, tx, train_config,
                                 parallel.batch_sharded(mesh))
     k = steps_per_dispatch(steps_per_epoch, train_config.steps_per_dispatch)
-    chunk_fn = jax.jit(functools.partial(_train_chunk, step_fn, k), donate_argnums=0,
-                       compiler_options=training_compiler_options(mesh))
+    options = training_compiler_options(mesh)
+    if multi:  # each process feeds its own rows; the interrupt flag rides along
+      feed = _HostFeed(mesh, train_split, k, train_config.batch_size)
+      fed_fn = jax.jit(functools.partial(_train_chunk_fed, step_fn), donate_argnums=0,
+                       compiler_options=options)
+      chunk_fn = lambda state, perm, start, stop: fed_fn(state, *feed(perm, start, stop))
+    else:  # the whole training set on the device, batches gathered inside the program
+      images, labels = parallel.replicate(
+          (train_split.images, train_split.labels.astype(np.int32)), mesh)
+      local_fn = jax.jit(functools.partial(_train_chunk, step_fn, k), donate_argnums=0,
+                         compiler_options=options)
+      chunk_fn = lambda state, perm, start, stop: local_fn(state, images, labels, perm, start)
 
     def save(state):
       if manager is None:
@@ -302,15 +350,18 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
       for epoch in range(start_step // steps_per_epoch, math.ceil(end_step / steps_per_epoch)):
         perm = epoch_permutation(state.key, epoch, n=len(train_split), steps=steps_per_epoch,
                                  batch_size=train_config.batch_size)
+        if multi:  # the same on every process: computed from the same key
+          perm = np.asarray(jax.device_get(perm))
         first = max(start_step, epoch * steps_per_epoch) - epoch * steps_per_epoch
         last = min(end_step - epoch * steps_per_epoch, steps_per_epoch)
         t_epoch = time.perf_counter()
         sums = {"loss_sum": 0.0, "correct": 0, "count": 0}
         pending, t_rate, rate_images = None, (t_epoch if compiled else None), 0
+        stop = False
         for start in range(first, last, k):
-          state, metrics = chunk_fn(state, images, labels, perm, start)
+          state, metrics = chunk_fn(state, perm, start, interrupted.is_set())
           if pending is not None:  # read the previous chunk's metrics while this one runs
-            _accumulate(sums, pending, epoch * steps_per_epoch + start)
+            stop = _accumulate(sums, pending, epoch * steps_per_epoch + start)
             now = time.perf_counter()
             if t_rate is None:  # time from the end of the compiling chunk
               t_rate, compiled = now, True
@@ -320,10 +371,10 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
                               sums["loss_sum"] / sums["count"], sums["correct"] / sums["count"],
                               rate_images / (now - t_rate) if rate_images else None))
           pending = metrics
-          if interrupted.is_set():
+          if stop if multi else interrupted.is_set():  # all processes stop after this chunk
             raise KeyboardInterrupt
-        if pending is not None:
-          _accumulate(sums, pending, epoch * steps_per_epoch + last)  # waits for the last chunk
+        if pending is not None:  # waits for the last chunk
+          stop = _accumulate(sums, pending, epoch * steps_per_epoch + last)
           pending, compiled = None, True
         train_seconds = time.perf_counter() - t_epoch
         if last < steps_per_epoch:  # stopped early, mid-epoch
@@ -340,7 +391,8 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
         history.append(record)
         callback(EpochEnd(record))
         save(state)
-        if interrupted.is_set():  # Ctrl-C during evaluation or the save
+        # Ctrl-C during evaluation or the save, on any process.
+        if stop or distributed.any_process(interrupted.is_set()):
           raise KeyboardInterrupt
     except KeyboardInterrupt:
       # Save only a state that is whole and checked: after a second Ctrl-C the interrupt may have
@@ -376,18 +428,21 @@ class _Interrupts(threading.Event):
 
 @contextlib.contextmanager
 def _deferred_interrupt():
-  """Turns the first Ctrl-C into a flag checked between dispatches; a second one raises
-  KeyboardInterrupt at once (a long compilation stays interruptible) and marks the flag forced.
+  """Turns the first Ctrl-C or SIGTERM (a scheduler's preemption notice) into a flag checked
+  between dispatches; a second one raises KeyboardInterrupt at once (a long compilation stays
+  interruptible) and marks the flag forced.
 
   A KeyboardInterrupt raised inside a dispatch could strike after the state's buffers were
-  donated and before the new state exists, leaving nothing to save. Only the main thread can own
-  signal handlers; elsewhere this does nothing.
+  donated and before the new state exists, leaving nothing to save. In a job of several
+  processes the flag travels with every chunk, so all of them stop after the same one. Only the
+  main thread can own signal handlers; elsewhere this does nothing.
   """
   flag = _Interrupts()
   if threading.current_thread() is not threading.main_thread():
     yield flag
     return
-  previous = signal.getsignal(signal.SIGINT)
+  signals = (signal.SIGINT, signal.SIGTERM)
+  previous = {signum: signal.getsignal(signum) for signum in signals}
 
   def handler(signum, frame):
     if flag.is_set():
@@ -395,18 +450,23 @@ def _deferred_interrupt():
       raise KeyboardInterrupt
     flag.set()
 
-  signal.signal(signal.SIGINT, handler)
+  for signum in signals:
+    signal.signal(signum, handler)
   try:
     yield flag
   finally:
-    signal.signal(signal.SIGINT, previous)
+    for signum, old in previous.items():
+      signal.signal(signum, old)
 
 
-def _accumulate(sums: dict, metrics: dict, step: int) -> None:
+def _accumulate(sums: dict, metrics: dict, step: int) -> bool:
+  """Adds a chunk's metric sums to `sums`; returns its shared stop decision (multi-process)."""
   metrics = jax.device_get(metrics)
+  stop = bool(metrics.pop("stop", False))
   if not np.isfinite(metrics["loss_sum"]):
     raise FloatingPointError(
         f"loss became non-finite by step {step}; lower --lr "
         "(the last good checkpoint is kept)")
   for name, value in metrics.items():
     sums[name] += value.item()
+  return stop
