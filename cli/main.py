@@ -86,8 +86,9 @@ def _join_job(coordinator: Optional[str], num_processes: Optional[int],
   cluster (SLURM, Open MPI, Cloud TPU); True if this process is process 0 (or alone)."""
   global _WHO  # pylint: disable=global-statement
   from flaxdigits import distributed  # pylint: disable=import-outside-toplevel
-  if coordinator is not None and process_id is None and "JOB_COMPLETION_INDEX" in os.environ:
-    process_id = int(os.environ["JOB_COMPLETION_INDEX"])  # a Kubernetes indexed Job's pod
+  index = os.environ.get("JOB_COMPLETION_INDEX", "")
+  if coordinator is not None and process_id is None and index.isdigit():
+    process_id = int(index)  # a Kubernetes indexed Job's pod
   with _user_errors():
     try:
       job = distributed.initialize(coordinator, num_processes, process_id)

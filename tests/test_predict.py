@@ -149,3 +149,29 @@ def test_cli_table_and_success_exit(checkpoint, images):
 def test_cli_missing_checkpoint_is_one_line(images):
   result = runner.invoke(app, ["predict", "-c", "/nonexistent", images[1][0]])
   assert result.exit_code == 1 and "checkpoint directory not found" in result.stderr
+
+
+def test_the_bundle_is_lowered_for_every_platform(checkpoint):
+  import jax
+  exported = jax.export.deserialize(bytearray(np.load(bundle.find(checkpoint))["program"]
+                                              .tobytes()))
+  assert set(exported.platforms) == set(bundle.PLATFORMS)
+
+
+def test_a_bundle_for_another_platform_falls_back_to_the_checkpoint(checkpoint, tmp_path,
+                                                                    monkeypatch):
+  from flax import nnx
+
+  from flaxdigits.predict import Predictor
+  ckpt = tmp_path / "ckpt"
+  shutil.copytree(checkpoint, ckpt)
+  model, meta = load_model(ckpt)
+  monkeypatch.setattr(bundle, "PLATFORMS", ("cuda",))  # as if trained on a GPU only
+  bundle.write(ckpt, model, meta["step"], meta["model"])
+  monkeypatch.undo()
+  with pytest.raises(ValueError, match="exported for cuda, not cpu"):
+    bundle.load(bundle.find(ckpt))
+  images = np.random.default_rng(0).random((3, 28, 28), np.float32)
+  got = Predictor.from_checkpoint(ckpt).probabilities(images)  # the first call does not fail
+  np.testing.assert_allclose(got, Predictor.from_model(model).probabilities(images), atol=1e-6)
+  assert nnx.state(model)  # the model was real

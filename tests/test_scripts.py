@@ -34,7 +34,7 @@ def test_every_script_has_a_smoke_test():
   tested = {"bench_cold.py", "bench_eval.py", "bench_hostile.py", "bench_predict.py",
             "bench_preprocess.py", "bench_startup.py", "bench_train.py", "benchmark.py",
             "check_export.py", "compare_tta.py", "load_test.py", "make_realistic_set.py",
-            "flax_example_loop.py"}  # a module benchmark.py and bench_train.py run
+            "flax_example_loop.py", "bench_multihost.py", "gpu_check.py"}  # a module benchmark.py and bench_train.py run
   assert {p.name for p in SCRIPTS.glob("*.py") if not p.name.startswith("_")} == tested
 
 
@@ -125,3 +125,14 @@ def test_checkout_runs_a_checkouts_own_cli():
   done = subprocess.run([*_checkout.digits(SCRIPTS.parent), "--help"], capture_output=True,
                         text=True, timeout=120)
   assert done.returncode == 0 and "train" in done.stdout and "serve" in done.stdout
+
+
+def test_bench_multihost(tiny_data_dir):
+  out = run("bench_multihost.py", "--data-dir", tiny_data_dir, "--batch-size", 64)
+  assert "| 1 process x 4 devices |" in out and "| 2 processes x 2 devices |" in out
+  assert "wall time" in out
+
+
+def test_gpu_check_runs_its_steps_on_cpu(tiny_data_dir):
+  out = run("gpu_check.py", "--data-dir", tiny_data_dir)
+  assert "the bundle on the CPU" in out and "all checks passed" in out
