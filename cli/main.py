@@ -64,20 +64,24 @@ _WHO = ""
 
 
 def _fail(text: object, code: int = 1) -> NoReturn:
-  """One red line on stderr (the text shown as it is, never as markup), then exit code 1."""
+  """One red line on stderr (the text shown as it is, never as markup), then exit `code`."""
   err.print(message(f"{_WHO}error", "bold red", text), highlight=False, soft_wrap=True)
   _exit(code)
 
 
 def _exit(code: int) -> NoReturn:
-  """Exits with `code`. In a job of several processes, at once: JAX's exit handler would wait
+  _exit_if_in_job(code)
+  raise typer.Exit(code)
+
+
+def _exit_if_in_job(code: int) -> None:
+  """In a job of several processes, exits with `code` at once: JAX's exit handler would wait
   minutes in a barrier for peers that are gone or stuck in a collective, and the peers see this
   process's connections close and end as well."""
   if _WHO:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)  # pylint: disable=protected-access
-  raise typer.Exit(code)
 
 
 def _join_job(coordinator: Optional[str], num_processes: Optional[int],
@@ -515,7 +519,8 @@ def main() -> None:
     app()
   except KeyboardInterrupt:
     err.print(f"[yellow]{_WHO}interrupted[/]")
-    _exit_now(130)
+    _exit_if_in_job(130)
+    sys.exit(130)
   except Exception as e:  # pylint: disable=broad-except
     if not _WHO:  # one process: a bug shows its traceback
       raise
@@ -523,14 +528,7 @@ def main() -> None:
     if "Gloo" in text or "peer" in text:
       text = f"another process of the job failed or was stopped ({text[:200]})"
     err.print(message(f"{_WHO}error", "bold red", text), highlight=False, soft_wrap=True)
-    _exit_now(1)
-
-
-def _exit_now(code: int) -> NoReturn:
-  try:
-    _exit(code)
-  except typer.Exit:
-    sys.exit(code)
+    _exit_if_in_job(1)
 
 
 if __name__ == "__main__":

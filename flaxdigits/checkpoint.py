@@ -106,26 +106,21 @@ class CheckpointManager:
     # Orbax writes host arrays in ~0.2 s; replicated device arrays cost it ~1.1 s a save here.
     # Across processes every one saves together, and only arrays on the global mesh can be saved
     # that way (process 0 writes the replicated ones).
-    if jax.process_count() == 1:
-      state = host
-    variables = nnx.merge_state(*state.variables())  # all a model needs: params, batch stats
-    trainer = {"step": state.step, "opt_state": state.opt_state, "key": state.key}
-    host_variables = nnx.merge_state(*host.variables())
+    variables, trainer = _items(host if jax.process_count() == 1 else state)
+    host_variables, host_trainer = _items(host)
     meta = {"format": FORMAT_VERSION, "step": step, "model": model_config.to_dict(),
             "train": train_config.to_dict(), "train_examples": int(train_examples),
             "history": history,
-            "digests": {"params": digests(host_variables),
-                        "trainer": digests({"step": host.step, "opt_state": host.opt_state,
-                                            "key": host.key})}}
+            "digests": {"params": digests(host_variables), "trainer": digests(host_trainer)}}
     try:
       self._manager.save(step, args=ocp.args.Composite(
           params=ocp.args.StandardSave(variables), trainer=ocp.args.StandardSave(trainer),
           meta=ocp.args.JsonSave(meta)))
-      if jax.process_index() == 0:  # the sidecar: one writer
+      if distributed.is_primary():  # the sidecar: one writer
         graphdef = nnx.graphdef(abstract_model(model_config))
         bundle.write(self.directory, nnx.merge(graphdef, host_variables), step, meta["model"])
     except BaseException:
-      if jax.process_index() == 0:
+      if distributed.is_primary():
         self._remove_unfinished()
       raise
 
@@ -221,6 +216,13 @@ class CheckpointManager:
 
   def close(self) -> None:
     self._manager.close()
+
+
+def _items(state) -> tuple[Any, dict[str, Any]]:
+  """A TrainState as the checkpoint's two items: the model's variables (params and batch
+  statistics: all a model needs) and the trainer's state."""
+  return (nnx.merge_state(*state.variables()),
+          {"step": state.step, "opt_state": state.opt_state, "key": state.key})
 
 
 def _first_line(e: BaseException) -> str:
@@ -367,7 +369,7 @@ def restore_for_resume(manager: CheckpointManager, state: Any, model_config: Mod
   if saved_examples is not None and saved_examples != train_examples:
     raise ValueError(f"the checkpoint was trained on {saved_examples:,} training images, this "
                      f"data has {train_examples:,}; resume on the same data, or start a new run")
-  if jax.process_index() == 0:
+  if distributed.is_primary():
     for newer in [s for s in manager.steps() if s > meta["step"]]:
       manager.set_aside(newer)
   if jax.process_count() > 1:  # the others see the folder as process 0 left it

@@ -29,12 +29,15 @@ BUNDLE_ON_CPU = """
 import sys, json, jax, numpy as np
 from flaxdigits import bundle, data
 assert jax.default_backend() == "cpu", jax.default_backend()
-loaded = bundle.load(bundle.find(sys.argv[1]))
+path = bundle.find(sys.argv[1])
+loaded = bundle.load(path)
 test = data.load_mnist(sys.argv[2], ("test",))["test"]
-probs = np.concatenate([np.asarray(loaded.probabilities(data.normalize(test.images[i:i + 1000])[..., 0]))
-                        for i in range(0, len(test), 1000)])
+images = data.normalize(test.images)[..., 0]
+probs = np.concatenate([np.asarray(loaded.probabilities(images[i:i + 1000]))
+                        for i in range(0, len(images), 1000)])
+program = jax.export.deserialize(bytearray(np.load(path)["program"].tobytes()))
 print(json.dumps({"accuracy": float(np.mean(probs.argmax(-1) == test.labels)),
-                  "platforms": list(jax.export.deserialize(bytearray(np.load(bundle.find(sys.argv[1]))["program"].tobytes())).platforms)}))
+                  "platforms": list(program.platforms)}))
 """
 
 
