@@ -29,6 +29,9 @@ DataDir = Annotated[Optional[Path], typer.Option(
     help="Folder with the four MNIST IDX files (gzipped or raw). Default: tensorflow-datasets.")]
 Checkpoint = Annotated[Path, typer.Option("--checkpoint", "-c", help="Checkpoint directory.")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object on stdout.")]
+Reject = Annotated[bool, typer.Option(
+    "--reject/--no-reject", help="Answer \"not a digit\" for inputs the model is unsure are "
+    "digits at all (below the checkpoint's threshold, fitted on held-out images).")]
 CpuDevices = Annotated[int, typer.Option(
     "--cpu-devices", min=0, help="On CPU, split the host into this many data-parallel devices "
     "(0: one per core).")]
@@ -180,6 +183,11 @@ def train(
     dropout: Annotated[Optional[float], typer.Option(
         help="Dropout rate on the dense layers' inputs, in training.  \\[default: 0]",
         show_default=False)] = None,
+    validation: Annotated[Optional[int], typer.Option(
+        min=0, help="Training images held out (the same ones for every seed): each epoch is "
+        "scored on them, the confidence calibration and the not-a-digit threshold are fitted on "
+        "them, and the test set is scored once, at the end. 0: train on all and score the test "
+        "set every epoch (no calibration).  \\[default: 5000]", show_default=False)] = None,
     data_dir: DataDir = None,
     checkpoint: Checkpoint = Path("ckpt"),
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint.")] = False,
@@ -198,7 +206,8 @@ def train(
         help="This process's index in the job, from 0 (default with --coordinator: "
         "$JOB_COMPLETION_INDEX).")] = None,
 ):
-  """Train the CNN on MNIST, evaluating on the test set after every epoch."""
+  """Train the CNN on MNIST: scored on held-out training images every epoch, on the test set at
+  the end."""
   _setup_jax(cpu_devices)
   primary = _join_job(coordinator, num_processes, process_id)
   from flaxdigits import checkpoint as ckpt_lib  # pylint: disable=import-outside-toplevel
@@ -210,6 +219,10 @@ def train(
   with _user_errors():
     given = {k: v for k, v in dict(batch_size=batch_size, learning_rate=lr, seed=seed,
                                    epochs=epochs).items() if v is not None}
+    if validation is not None:  # the held-out images are part of a run's data: fixed on resume
+      if resume:
+        raise ValueError("--resume keeps the checkpoint's own validation split; drop --validation")
+      given["validation"] = validation
     model_given = {k: v for k, v in dict(norm=norm.value if norm else None,
                                          dropout=dropout).items() if v is not None}
     if resume:
@@ -224,6 +237,12 @@ def train(
       model_config = dataclasses.replace(model_config, **model_given)
       train_config = dataclasses.replace(recipe, **given)
     data = _load_data(data_dir, ("train", "test"), console)
+    from flaxdigits import training  # pylint: disable=import-outside-toplevel
+    to_render = training.outliers_to_render(data, train_config)
+    if to_render and not quiet:  # once per training set: later runs read them from disk
+      from flaxdigits.cli.render import counting_progress  # pylint: disable=import-outside-toplevel
+      with counting_progress(console, "rendering non-digits to learn from", to_render) as advance:
+        training.prepare_outliers(data, train_config, advance)
     try:
       with _render_training(console, train_config.epochs, quiet) as display:
         result = train_fn(data, model_config, train_config, checkpoint_dir=str(checkpoint),
@@ -311,15 +330,19 @@ def eval_(
     _warn_damaged(meta)
     test = _load_data(data_dir, ("test",), console)["test"]
     result = evaluate(model, test, batch_size=batch_size, tta=tta)
+    from flaxdigits import calibration  # pylint: disable=import-outside-toplevel
+    fitted = (calibration.Calibration.from_dict(meta["calibration"])
+              if meta.get("calibration") else None)
+    confidence = calibration.summary(result.logits, test.labels, fitted)
     written = []
     if report is not None:
       with console.status(f"drawing figures into {report}/"):
         from flaxdigits import figures  # pylint: disable=import-outside-toplevel
-        written = figures.save_all(figures.report_figures(result, test, meta["history"]),
-                                   report)
+        written = figures.save_all(figures.report_figures(
+            result, test, meta["history"], fitted.temperature if fitted else None), report)
   if json_out:
-    print(json.dumps(result.to_dict() | {"checkpoint": str(checkpoint), "step": meta["step"],
-                                         "tta": tta}
+    print(json.dumps(result.to_dict() | confidence
+                     | {"checkpoint": str(checkpoint), "step": meta["step"], "tta": tta}
                      | ({"figures": [str(p) for p in written]} if report else {})))
     return
   from flaxdigits.cli import render  # pylint: disable=import-outside-toplevel
@@ -335,6 +358,7 @@ def eval_(
       (f"accuracy {100 * result.accuracy:.2f}%", "bold"),
       f" ({int(result.confusion_matrix.trace())}/{result.num_examples}), mean loss "
       f"{result.loss:.4f}"))
+  console.print(render.confidence_line(confidence), highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -349,13 +373,14 @@ def predict(
     save_preprocessed: Annotated[Optional[Path], typer.Option(
         "--save-preprocessed", help="Write the 28x28 image the model saw for each input here.",
         show_default=False)] = None,
+    reject: Reject = True,
 ):
   """Recognise the digit in photos, scans and drawings (any format Pillow reads)."""
   _setup_jax(1)
   from flaxdigits.predict import Predictor, expand_paths  # pylint: disable=import-outside-toplevel
   console = err if json_out else Console()
   with _user_errors():
-    predictor = Predictor.from_checkpoint(checkpoint)
+    predictor = Predictor.from_checkpoint(checkpoint, reject=reject)
     _warn_damaged(predictor.meta)
     files = expand_paths(paths)
     from flaxdigits.cli.render import counting_progress  # pylint: disable=import-outside-toplevel
@@ -391,6 +416,7 @@ def serve(
         "process).  \\[default: one per core]", show_default=False)] = None,
     access_log: Annotated[bool, typer.Option(help="One line per request on stdout, in "
                                              "uvicorn's format.")] = True,
+    reject: Reject = True,
 ):
   """Serve the web app where people draw a digit (and an HTTP API: POST /api/predict).
 
@@ -413,7 +439,7 @@ def serve(
     processes = os.cpu_count() or 1
   with _user_errors():
     with err.status(f"loading and compiling the model from {checkpoint}/"):
-      predictor = Predictor.from_checkpoint(checkpoint)
+      predictor = Predictor.from_checkpoint(checkpoint, reject=reject)
       app_ = serve_lib.create_app(predictor, max_upload_bytes=int(max_upload_mb * 1024 * 1024),
                                   max_pending=max_pending, processes=processes,
                                   info={"checkpoint": str(checkpoint)})

@@ -28,6 +28,9 @@ def message(label: str, style: str, text: object) -> Text:
 def format_epoch(record: dict[str, Any], epochs: int) -> str:
   line = (f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  "
           f"acc {100 * record['train_accuracy']:.2f}%")
+  if "validation_accuracy" in record:
+    line += (f"  [bold]val acc {100 * record['validation_accuracy']:.2f}%[/]  "
+             f"val loss {record['validation_loss']:.4f}")
   if "test_accuracy" in record:
     line += (f"  [bold]test acc {100 * record['test_accuracy']:.2f}%[/]  "
              f"test loss {record['test_loss']:.4f}")
@@ -107,6 +110,21 @@ def confusion_table(confusion: Any, title: str = "Confusion matrix") -> Table:
   return table
 
 
+def confidence_line(c: dict[str, Any]) -> str:
+  """`digits eval`'s sentence on calibration and the reject option (calibration.summary)."""
+  if c["temperature"] is None:
+    return (f"calibration error (ECE, 15 bins) {100 * c['ece']:.2f}%, NLL {c['nll']:.4f}; "
+            "no calibration in this checkpoint (train with --validation), so no reject option")
+  r = c["reject"]
+  kept = (f"; the not-a-digit threshold {r['threshold']:.3f} keeps {100 * r['kept']:.2f}% of "
+          f"these digits")
+  if r["kept_accuracy"] is not None:
+    kept += f", {100 * r['kept_accuracy']:.2f}% of them right"
+  return (f"calibration (temperature {c['temperature']:.3f}): ECE "
+          f"{100 * c['ece_uncalibrated']:.2f}% -> {100 * c['ece']:.2f}%, NLL "
+          f"{c['nll_uncalibrated']:.4f} -> {c['nll']:.4f}{kept}")
+
+
 def predictions_table(results, top_k: int) -> Table:
   table = Table(box=box.SIMPLE_HEAD, header_style="bold")
   table.add_column("file", overflow="fold")
@@ -119,8 +137,8 @@ def predictions_table(results, top_k: int) -> Table:
       continue
     style = "green" if r.confidence >= 0.9 else "yellow" if r.confidence >= 0.5 else "red"
     guesses = "  ".join(f"{d}: {p:.1%}" for d, p in r.top_k(top_k))
-    table.add_row(plain(r.source), str(r.digit), Text(f"{r.confidence:.1%}", style=style),
-                  guesses)
+    digit = Text(r.reason, style="yellow") if r.digit is None else str(r.digit)
+    table.add_row(plain(r.source), digit, Text(f"{r.confidence:.1%}", style=style), guesses)
   return table
 
 

@@ -27,6 +27,11 @@ _EXPORTS = {
     "Split": "flaxdigits.data",
     "load_mnist": "flaxdigits.data",
     "normalize": "flaxdigits.data",
+    "hold_out": "flaxdigits.data",
+    "Calibration": "flaxdigits.calibration",
+    "fit_calibration": "flaxdigits.calibration:fit",
+    "calibration_summary": "flaxdigits.calibration:summary",
+    "render_outliers": "flaxdigits.outliers:render",
     "CNN": "flaxdigits.model",
     "build_model": "flaxdigits.model",
     "count_params": "flaxdigits.model",
@@ -69,15 +74,19 @@ def __dir__():
 
 
 if TYPE_CHECKING:
+  from flaxdigits.calibration import Calibration  # noqa: F401
+  from flaxdigits.calibration import fit as fit_calibration  # noqa: F401
+  from flaxdigits.calibration import summary as calibration_summary  # noqa: F401
   from flaxdigits.checkpoint import CheckpointManager, load_model  # noqa: F401
   from flaxdigits.config import ModelConfig, TrainConfig, preset  # noqa: F401
-  from flaxdigits.data import Split, load_mnist, normalize  # noqa: F401
+  from flaxdigits.data import Split, hold_out, load_mnist, normalize  # noqa: F401
   from flaxdigits.eda import SplitSummary, summarize  # noqa: F401
   from flaxdigits.evaluation import EvalResult, cross_entropy, evaluate  # noqa: F401
   from flaxdigits.export import export as export_model  # noqa: F401
   from flaxdigits.figures import eda_figures, report_figures  # noqa: F401
   from flaxdigits.figures import save_all as save_figures  # noqa: F401
   from flaxdigits.model import CNN, build_model, count_params  # noqa: F401
+  from flaxdigits.outliers import render as render_outliers  # noqa: F401
   from flaxdigits.parallel import make_mesh  # noqa: F401
   from flaxdigits.predict import Prediction, Predictor  # noqa: F401
   from flaxdigits.preprocess import NoDigitFound, to_mnist  # noqa: F401

@@ -136,7 +136,7 @@ class Batcher:
           self._pool = self._process_pool()
         raise RuntimeError("a preprocessing process died") from None
       answer = await self._classify(image)
-      return prediction(name, image, answer)
+      return prediction(name, image, answer, self.predictor.threshold)
     finally:
       if release:
         self._release()

@@ -23,7 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 BUNDLE_NAME = "inference.npz"
-FORMAT_VERSION = 2  # 2: the header holds each weight's digest, checked on every load
+# 2: the header holds each weight's digest, checked on every load; 3: calibrated probabilities,
+# and the calibration in the header.
+FORMAT_VERSION = 3
 # One program for all of them, so a checkpoint trained on a GPU predicts on a laptop and back.
 PLATFORMS = ("cpu", "cuda", "rocm", "tpu")
 _UNREADABLE = (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile)
@@ -36,11 +38,16 @@ class Bundle:
   step: int
   model_config: dict[str, Any]
   probabilities: Callable[[jax.Array], jax.Array]
+  calibration: dict[str, Any] | None  # flaxdigits.calibration.Calibration.to_dict(), if fitted
 
 
-def write(directory: str | os.PathLike, model: Any, step: int,
-          model_config: dict[str, Any]) -> Path:
-  """Exports `model` (an NNX module) as the bundle for checkpoint `step`; replaces it atomically."""
+def write(directory: str | os.PathLike, model: Any, step: int, model_config: dict[str, Any],
+          calibration: dict[str, Any] | None = None) -> Path:
+  """Exports `model` (an NNX module) as the bundle for checkpoint `step`; replaces it atomically.
+
+  The program computes probabilities at the calibration's temperature (1 without one).
+  """
+  temperature = float(calibration["temperature"]) if calibration else 1.0
   from flax import nnx  # pylint: disable=import-outside-toplevel
 
   from flaxdigits import model as model_lib  # pylint: disable=import-outside-toplevel
@@ -49,7 +56,7 @@ def write(directory: str | os.PathLike, model: Any, step: int,
 
   def probabilities(leaves, images_Nx28x28):
     module = nnx.merge(graphdef, jax.tree.unflatten(treedef, leaves))
-    return model_lib.probabilities(module, images_Nx28x28[..., None])
+    return model_lib.probabilities(module, images_Nx28x28[..., None], temperature)
 
   n, = jax.export.symbolic_shape("n")
   exported = _export(jax.jit(probabilities),
@@ -57,6 +64,7 @@ def write(directory: str | os.PathLike, model: Any, step: int,
                      jax.ShapeDtypeStruct((n, 28, 28), jnp.float32))
   weights = [np.asarray(x) for x in leaves]
   header = {"format": FORMAT_VERSION, "step": int(step), "model": model_config,
+            "calibration": calibration,
             "num_weights": len(weights), "digests": [array_digest(w) for w in weights]}
   path = Path(directory) / BUNDLE_NAME
   partial = path.with_name(path.name + ".partial")
@@ -123,7 +131,8 @@ def load(path: str | os.PathLike) -> Bundle:
     raise ValueError(f"inference bundle {path} is damaged: its weights differ from their digests")
   weights = jax.device_put(weights)
   call = jax.jit(exported.call)
-  return Bundle(header["step"], header["model"], lambda images: call(weights, images))
+  return Bundle(header["step"], header["model"], lambda images: call(weights, images),
+                header.get("calibration"))
 
 
 def array_digest(array: np.ndarray) -> str:

@@ -93,7 +93,8 @@ class CheckpointManager:
     return sorted(self._manager.all_steps(), reverse=True)
 
   def save(self, state, model_config: ModelConfig, train_config: TrainConfig,
-           history: list[dict[str, float]], *, train_examples: int) -> None:
+           history: list[dict[str, float]], *, train_examples: int,
+           calibration: Any = None) -> None:
     """Saves the state with its configs, history and array digests, then the inference bundle.
 
     Raises OSError (disk full, say) with Orbax's temporary folder and the bundle's partial file
@@ -111,6 +112,7 @@ class CheckpointManager:
     meta = {"format": FORMAT_VERSION, "step": step, "model": model_config.to_dict(),
             "train": train_config.to_dict(), "train_examples": int(train_examples),
             "history": history,
+            "calibration": calibration.to_dict() if calibration is not None else None,
             "digests": {"params": digests(host_variables), "trainer": digests(host_trainer)}}
     try:
       self._manager.save(step, args=ocp.args.Composite(
@@ -118,7 +120,8 @@ class CheckpointManager:
           meta=ocp.args.JsonSave(meta)))
       if distributed.is_primary():  # the sidecar: one writer
         graphdef = nnx.graphdef(abstract_model(model_config))
-        bundle.write(self.directory, nnx.merge(graphdef, host_variables), step, meta["model"])
+        bundle.write(self.directory, nnx.merge(graphdef, host_variables), step, meta["model"],
+                     meta["calibration"])
     except BaseException:
       if distributed.is_primary():
         self._remove_unfinished()

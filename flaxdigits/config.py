@@ -73,6 +73,12 @@ class TrainConfig:
   seed: int = 0
   steps_per_dispatch: int = 4
   eval_batch_size: int = EVAL_BATCH_SIZE
+  # Training images held out (the same ones for every seed, data.hold_out): per-epoch scores,
+  # the temperature and the not-a-digit threshold are taken on them, never on the test set.
+  validation: int = 5000
+  # Outlier exposure: the weight of a loss that pushes the model towards uniform probabilities on
+  # synthetic non-digits (flaxdigits.outliers), a quarter of each batch; 0 turns it off.
+  outlier_exposure: float = 0.5
   # The epoch at which the learning-rate schedule's one cycle (warm-up, cosine decay) begins: 0,
   # unless a finished run was extended to more epochs, which gives the added epochs a cycle of
   # their own (see checkpoint.resolve_resume).
@@ -96,13 +102,17 @@ class TrainConfig:
            f"stroke_jitter must be a probability in [0, 1], got {self.stroke_jitter}")
     _check(self.steps_per_dispatch >= 1, f"steps_per_dispatch must be >= 1, got {self.steps_per_dispatch}")
     _check(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
+    _check(self.validation >= 0, f"validation must be >= 0 images, got {self.validation}")
+    _check(0 <= self.outlier_exposure <= 10,
+           f"outlier_exposure must be a weight in [0, 10], got {self.outlier_exposure}")
 
   def to_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
 
   @classmethod
   def from_dict(cls, d: dict[str, Any]) -> Self:
-    return _from_dict(cls, d)
+    # Checkpoints written before these fields existed trained on every image, without outliers.
+    return _from_dict(cls, {"validation": 0, "outlier_exposure": 0.0} | d)
 
 
 def _from_dict(cls, d: dict[str, Any]):

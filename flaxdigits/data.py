@@ -201,3 +201,25 @@ def load_tfds_split(split: str, data_dir: str | None = None) -> Split:
   images, labels = zip(*tfds.as_numpy(ds))
   images = np.concatenate(images).astype(np.uint8).reshape(-1, 28, 28)
   return Split(images=images, labels=np.concatenate(labels).astype(np.uint8))
+
+
+# The held-out images are the same for every training seed: drawn with this seed of their own.
+VALIDATION_SEED = 20_261_201
+
+
+def hold_out(split: Split, n: int) -> tuple[Split, Split]:
+  """(the rest, n held-out images) of a training split; the same n images on every call.
+
+  A fixed shuffle with its own seed rather than the last n rows, so that every class is held out
+  in proportion whatever order the files list the images in.
+
+  Raises:
+    ValueError: n is negative or leaves no image to train on.
+  """
+  if not 0 <= n < len(split):
+    raise ValueError(f"cannot hold out {n:,} of {len(split):,} training images for validation; "
+                     "choose fewer (--validation)")
+  order = np.random.default_rng(VALIDATION_SEED).permutation(len(split))
+  rest, held = np.sort(order[n:]), np.sort(order[:n])
+  return (Split(split.images[rest], split.labels[rest]),
+          Split(split.images[held], split.labels[held]))

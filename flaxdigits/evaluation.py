@@ -32,8 +32,9 @@ def cross_entropy(logits_BxK: jax.Array, labels_B: jax.Array,
 class EvalResult:
   """Accuracy and mean loss over `num_examples`, and the confusion matrix (rows: true label).
 
-  `predicted` and `confidence` hold each example's predicted class and its probability, in the
-  split's order.
+  `predicted` and `confidence` hold each example's predicted class and its probability, and
+  `logits` its (N, 10) logits (with TTA, the log of the averaged probabilities), in the split's
+  order.
   """
 
   accuracy: float
@@ -42,6 +43,7 @@ class EvalResult:
   confusion_matrix: np.ndarray
   predicted: np.ndarray
   confidence: np.ndarray
+  logits: np.ndarray
 
   def per_class(self) -> list[dict[str, float]]:
     """Precision, recall, F1 and support of each digit, from the confusion matrix."""
@@ -95,7 +97,7 @@ def tta_log_probs(model: nnx.Module, images_BxHxWxC: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("graphdef", "batch_size", "sharding", "tta"))
 def _eval_batch(graphdef, params, images_NxHxW, labels_N, start, *, batch_size, sharding,
                 tta=False):
-  """Per-example loss, predicted class and confidence of one batch, sharded like the batch.
+  """Per-example loss, predicted class, confidence and logits of one batch, sharded like the batch.
 
   Nothing is summed across the batch here: a sum over a batch sharded on several devices is a
   cross-device all-reduce, and XLA:CPU's all-reduce can deadlock (aborting the process after
@@ -109,7 +111,7 @@ def _eval_batch(graphdef, params, images_NxHxW, labels_N, start, *, batch_size, 
   logits_BxK = tta_log_probs(model, images) if tta else model(images)
   loss_B = cross_entropy(logits_BxK, labels)
   confidence_B = jnp.max(jax.nn.softmax(logits_BxK, -1), -1)
-  return loss_B, jnp.argmax(logits_BxK, -1), confidence_B
+  return loss_B, jnp.argmax(logits_BxK, -1), confidence_B, logits_BxK
 
 
 def evaluate(model: nnx.Module, split: Split, *, batch_size: int = EVAL_BATCH_SIZE,
@@ -138,10 +140,12 @@ def evaluate(model: nnx.Module, split: Split, *, batch_size: int = EVAL_BATCH_SI
                          sharding=parallel.batch_sharded(mesh), tta=tta)
              for start in range(0, padded, batch_size)]
   # One program per batch, none with a collective; then (across processes) one all-gather.
-  loss, predicted, confidence = (x[:n] for x in distributed.gather_rows(list(zip(*outputs))))
+  loss, predicted, confidence, logits = (
+      x[:n] for x in distributed.gather_rows(list(zip(*outputs))))
   confusion = np.zeros((NUM_CLASSES, NUM_CLASSES), np.int64)
   np.add.at(confusion, (split.labels.astype(np.int64), predicted), 1)
   return EvalResult(accuracy=float(np.trace(confusion) / n),
                     loss=float(np.sum(loss, dtype=np.float64) / n),
                     num_examples=n, confusion_matrix=confusion,
-                    predicted=predicted.astype(np.int64), confidence=confidence)
+                    predicted=predicted.astype(np.int64), confidence=confidence,
+                    logits=logits.astype(np.float32))

@@ -1,8 +1,9 @@
 """Exports the classifier for other runtimes: ONNX (ONNX Runtime) and TFLite (LiteRT).
 
 Both files take float32 images (N, 28, 28, 1) in [0, 1], the output of `to_mnist` with a channel
-axis, N dynamic, and return class probabilities (N, 10) (softmax included). A JSON sidecar
-beside each file states that contract. Export-only packages (jax2onnx, TensorFlow, the
+axis, N dynamic, and return class probabilities (N, 10) (softmax included, at the checkpoint's
+fitted temperature). A JSON sidecar beside each file states that contract, with the not-a-digit
+threshold on the largest probability. Export-only packages (jax2onnx, TensorFlow, the
 runtimes) are imported here only, inside the functions that need them.
 """
 
@@ -35,9 +36,14 @@ class Exported:
   max_abs_diff: float  # on the verification batch, against the JAX model
 
 
-def probabilities_fn(model: Any) -> Callable[[jax.Array], jax.Array]:
-  """The exported computation: images (N, 28, 28, 1) -> softmax probabilities (N, 10)."""
-  return functools.partial(probabilities, model)
+def probabilities_fn(model: Any, temperature: float = 1.0) -> Callable[[jax.Array], jax.Array]:
+  """The exported computation: images (N, 28, 28, 1) -> softmax probabilities (N, 10) at the
+  checkpoint's temperature (the calibrated probabilities)."""
+  return functools.partial(probabilities, model, temperature=temperature)
+
+
+def _temperature(meta: dict[str, Any]) -> float:
+  return float((meta.get("calibration") or {}).get("temperature", 1.0))
 
 
 def export(model: Any, meta: dict[str, Any], fmt: str, path: str | os.PathLike,
@@ -61,7 +67,7 @@ def export(model: Any, meta: dict[str, Any], fmt: str, path: str | os.PathLike,
     if existing.exists() and not overwrite:
       raise ValueError(f"{existing} exists; pass overwrite=True (--force) to replace it")
   path.parent.mkdir(parents=True, exist_ok=True)
-  fn = probabilities_fn(model)
+  fn = probabilities_fn(model, _temperature(meta))
   data = _to_onnx(fn) if fmt == "onnx" else _to_tflite(fn)
   # The runtime picks its loader by suffix: the temporary name keeps it.
   staged = path.with_name(f".{path.stem}.partial{path.suffix}")
@@ -85,13 +91,23 @@ def export(model: Any, meta: dict[str, Any], fmt: str, path: str | os.PathLike,
 def contract(meta: dict[str, Any], fmt: str, file_name: str) -> dict[str, Any]:
   """The sidecar: what goes in, what comes out, and where the model came from."""
   history = meta.get("history") or [{}]
+  calibration = meta.get("calibration")
   return {
       "file": file_name,
       "format": {"onnx": "ONNX (opset 17)", "tflite": "TFLite / LiteRT flatbuffer"}[fmt],
       "input": {"name": INPUT_NAME, "dtype": "float32", "shape": ["N", 28, 28, 1],
                 "layout": "NHWC", "range": [0.0, 1.0]},
       "output": {"name": OUTPUT_NAME, "dtype": "float32", "shape": ["N", 10],
-                 "meaning": "class probabilities (softmax applied); argmax is the digit"},
+                 "meaning": "class probabilities (softmax applied); argmax is the digit",
+                 "calibrated": calibration is not None},
+      "calibration": None if calibration is None else {
+          "temperature": calibration["temperature"],
+          "method": "temperature scaling, fitted on held-out training images (already applied "
+                    "to the output)"},
+      "reject": None if calibration is None else {
+          "score": "the largest output probability", "threshold": calibration["threshold"],
+          "rule": "an input whose score is below the threshold is not a digit",
+          "keeps": f"{100 * calibration['keep']:g}% of held-out digits"},
       "classes": [str(d) for d in range(10)],
       "preprocessing": (
           "MNIST format, as flaxdigits.to_mnist makes it: white ink on black, the digit cropped "

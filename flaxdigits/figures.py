@@ -17,7 +17,7 @@ from flaxdigits.data import NUM_CLASSES, Split
 from flaxdigits.eda import SplitSummary, class_means, samples
 
 DPI = 100
-_SPLIT_COLOURS = {"train": "#4C72B0", "test": "#DD8452"}
+_SPLIT_COLOURS = {"train": "#4C72B0", "validation": "#55A868", "test": "#DD8452"}
 
 
 def save(figure: Figure, path: str | os.PathLike) -> Path:
@@ -165,7 +165,7 @@ def training_curves(history: Sequence[dict[str, float]]) -> Figure:
   loss_ax, acc_ax = figure.subplots(1, 2)
   epochs = [r["epoch"] for r in history]
   for ax, metric, scale in ((loss_ax, "loss", 1), (acc_ax, "accuracy", 100)):
-    for split, style in (("train", "o-"), ("test", "s-")):
+    for split, style in (("train", "o-"), ("validation", "^-"), ("test", "s-")):
       key = f"{split}_{metric}"
       if all(key in r for r in history):
         ax.plot(epochs, [scale * r[key] for r in history], style, label=split,
@@ -198,11 +198,42 @@ def eda_figures(splits: dict[str, Split],
   return figures
 
 
-def report_figures(result, test: Split, history: Sequence[dict[str, float]]) -> dict[str, Figure]:
+def reliability_diagram(logits_NxK: np.ndarray, labels_N: np.ndarray,
+                        temperature: float | None) -> Figure:
+  """Accuracy against confidence per confidence bin, at temperature 1 and (when given) at the
+  fitted temperature; a calibrated model's bars sit on the diagonal."""
+  from flaxdigits import calibration  # pylint: disable=import-outside-toplevel
+  panels = [("uncalibrated (T = 1)", 1.0)]
+  if temperature is not None:
+    panels.append((f"calibrated (T = {temperature:.3f})", temperature))
+  figure = Figure(figsize=(5.2 * len(panels), 4.6), layout="constrained")
+  for ax, (title, t) in zip(np.atleast_1d(figure.subplots(1, len(panels))), panels):
+    probs = calibration.softmax(logits_NxK, t)
+    rows = calibration.reliability(probs, labels_N)
+    used = [r for r in rows if r["count"]]
+    ax.bar([r["low"] for r in used], [r["accuracy"] for r in used],
+           width=[r["high"] - r["low"] for r in used], align="edge", color="#4C72B0",
+           edgecolor="white", label="accuracy")
+    ax.bar([r["low"] for r in used], [r["confidence"] - r["accuracy"] for r in used],
+           bottom=[r["accuracy"] for r in used], width=[r["high"] - r["low"] for r in used],
+           align="edge", color="#DD8452", alpha=0.5, label="gap to confidence")
+    ax.plot([0, 1], [0, 1], "k--", lw=1)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("confidence (largest probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}: ECE {100 * calibration.ece(probs, labels_N):.2f}%")
+    ax.legend(loc="upper left")
+  return figure
+
+
+def report_figures(result, test: Split, history: Sequence[dict[str, float]],
+                   temperature: float | None = None) -> dict[str, Figure]:
   """Every `digits eval --report` figure, by file stem, for an EvalResult on `test`."""
   figures = {"confusion_matrix": confusion_heatmap(result.confusion_matrix),
              "misclassified": misclassified_gallery(test.images, test.labels, result.predicted,
-                                                    result.confidence)}
+                                                    result.confidence),
+             "reliability": reliability_diagram(result.logits, test.labels, temperature)}
   if history:
     figures["training_curves"] = training_curves(history)
   return figures

@@ -103,9 +103,10 @@ def build_model(config: ModelConfig, seed: int = 0) -> CNN:
   return nnx.merge(nnx.graphdef(abstract_model(config)), params)
 
 
-def probabilities(model: CNN, images_BxHxWx1: jax.Array) -> jax.Array:
-  """Class probabilities (B, K): what prediction, the inference bundle and exports compute."""
-  return jax.nn.softmax(model(images_BxHxWx1), axis=-1)
+def probabilities(model: CNN, images_BxHxWx1: jax.Array, temperature: float = 1.0) -> jax.Array:
+  """Class probabilities (B, K), softmax(logits / temperature): what prediction, the inference
+  bundle and exports compute (with the checkpoint's fitted temperature)."""
+  return jax.nn.softmax(model(images_BxHxWx1) / temperature, axis=-1)
 
 
 def count_params(model: nnx.Module) -> int:

@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flaxdigits import bundle
+from flaxdigits.calibration import Calibration, scores
 from flaxdigits.preprocess import ImageSource, to_mnist
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -21,9 +22,18 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 _BUCKETS = (1, 2, 4, 8, 16, 32, 64, 512)
 
 
+NOT_A_DIGIT = "not a digit"
+
+
 @dataclasses.dataclass(frozen=True)
 class Prediction:
-  """The answer for one input; `digit` is None and `error` says why when it failed."""
+  """The answer for one input.
+
+  `digit` is None when the input failed (`error` says why) or was rejected: then `reason` is
+  "not a digit", and `confidence` and `probabilities` still show what the model thought.
+  `score` is the not-a-digit score (the largest calibrated probability) and `threshold` the
+  checkpoint's (None where the reject option is off or the checkpoint has no calibration).
+  """
 
   source: str
   digit: int | None
@@ -31,6 +41,13 @@ class Prediction:
   probabilities: list[float] | None
   image: np.ndarray | None = None  # the 28x28 the model saw
   error: str | None = None
+  reason: str | None = None
+  score: float | None = None
+  threshold: float | None = None
+
+  @property
+  def rejected(self) -> bool:
+    return self.reason == NOT_A_DIGIT
 
   def top_k(self, k: int) -> list[tuple[int, float]]:
     if self.probabilities is None:
@@ -40,46 +57,64 @@ class Prediction:
 
   def to_dict(self) -> dict:
     return {"file": self.source, "digit": self.digit, "confidence": self.confidence,
-            "probabilities": self.probabilities, "error": self.error}
+            "probabilities": self.probabilities, "error": self.error, "reason": self.reason,
+            "score": self.score, "threshold": self.threshold}
 
 
 class Predictor:
   """Classifies paths, bytes, PIL images or arrays, all through one preprocessing (`to_mnist`).
 
-  Wraps a jitted `probabilities(images_Bx28x28) -> probs_Bx10`; build one with `from_checkpoint`
-  or `from_model`.
+  Wraps a jitted `probabilities(images_Bx28x28) -> probs_Bx10` (calibrated: computed at the
+  calibration's temperature); build one with `from_checkpoint` or `from_model`. With a
+  calibration and `reject` on, inputs whose score falls below its threshold come back as "not a
+  digit".
   """
 
   def __init__(self, probabilities_fn: Callable[[jax.Array], jax.Array],
-               meta: dict[str, Any] | None = None):
+               meta: dict[str, Any] | None = None, calibration: Calibration | None = None,
+               reject: bool = True):
     self._probabilities = probabilities_fn
     # Where the model came from: its step and, when newer steps were damaged, why they were
     # skipped (meta["damaged"]).
     self.meta = meta or {"damaged": []}
+    self.calibration = calibration
+    self.reject = reject
+
+  @property
+  def threshold(self) -> float | None:
+    """The not-a-digit threshold in force, or None (reject off, or no calibration)."""
+    return self.calibration.threshold if self.reject and self.calibration else None
 
   @classmethod
-  def from_model(cls, model: Any) -> "Predictor":
+  def from_model(cls, model: Any, calibration: Calibration | None = None, *,
+                 reject: bool = True) -> "Predictor":
     """From an NNX model in memory (for example `train(...).model`)."""
     from flax import nnx  # pylint: disable=import-outside-toplevel
 
     from flaxdigits.model import probabilities  # pylint: disable=import-outside-toplevel
     graphdef, params = nnx.split(model)
-    call = jax.jit(lambda p, x: probabilities(nnx.merge(graphdef, p), x[..., None]))
-    return cls(lambda images: call(params, images))
+    temperature = calibration.temperature if calibration else 1.0
+    call = jax.jit(lambda p, x: probabilities(nnx.merge(graphdef, p), x[..., None], temperature))
+    return cls(lambda images: call(params, images), calibration=calibration, reject=reject)
 
   @classmethod
-  def from_checkpoint(cls, checkpoint_dir: str | os.PathLike) -> "Predictor":
-    """From the latest checkpoint: its inference bundle when current, else the Orbax checkpoint."""
+  def from_checkpoint(cls, checkpoint_dir: str | os.PathLike, *,
+                      reject: bool = True) -> "Predictor":
+    """From the latest checkpoint: its inference bundle when current, else the Orbax checkpoint.
+
+    reject=False turns the not-a-digit verdict off: every input with ink gets a digit.
+    """
     path = bundle.find(checkpoint_dir)
     if path is not None:
       try:
         loaded = bundle.load(path)
-        return cls(loaded.probabilities, {"step": loaded.step, "damaged": []})
+        return cls(loaded.probabilities, {"step": loaded.step, "damaged": []},
+                   _calibration(loaded.calibration), reject)
       except ValueError:
         pass  # damaged, or from another version: the (verified) checkpoint itself still loads
     from flaxdigits.checkpoint import load_model  # pylint: disable=import-outside-toplevel
     model, meta = load_model(checkpoint_dir)
-    predictor = cls.from_model(model)
+    predictor = cls.from_model(model, _calibration(meta.get("calibration")), reject=reject)
     predictor.meta = meta
     return predictor
 
@@ -123,15 +158,24 @@ class Predictor:
     ok = [i for i, img in enumerate(images) if img is not None]
     probs = self.probabilities(np.stack([images[i] for i in ok])) if ok else []
     by_index = dict(zip(ok, probs))
-    return [prediction(name, images[i], by_index[i]) if i in by_index
+    return [prediction(name, images[i], by_index[i], self.threshold) if i in by_index
             else Prediction(name, None, None, None, None, errors[i])
             for i, name in enumerate(names)]
 
 
-def prediction(name: str, image: np.ndarray, probabilities: np.ndarray) -> Prediction:
-  """The Prediction for one classified image."""
+def prediction(name: str, image: np.ndarray, probabilities: np.ndarray,
+               threshold: float | None = None) -> Prediction:
+  """The Prediction for one classified image: "not a digit" if its score is below threshold."""
   p = np.asarray(probabilities)
-  return Prediction(name, int(np.argmax(p)), float(np.max(p)), [float(x) for x in p], image)
+  score = float(scores(p[None])[0])
+  rejected = threshold is not None and score < threshold
+  return Prediction(name, None if rejected else int(np.argmax(p)), float(np.max(p)),
+                    [float(x) for x in p], image, reason=NOT_A_DIGIT if rejected else None,
+                    score=score, threshold=threshold)
+
+
+def _calibration(d: dict[str, Any] | None) -> Calibration | None:
+  return Calibration.from_dict(d) if d else None
 
 
 def _name(source: ImageSource) -> str:

@@ -340,6 +340,23 @@ def _disk(diameter: float) -> np.ndarray:
   return x * x + y * y <= r * r
 
 
+# Above this diameter a disk's erosion costs more than repeated 3x3 ones (0.14 s at 50 px, where
+# a filled shape's "stroke" is the whole shape): those approximate it by an octagon.
+_DIRECT_EROSION = 12
+_CROSS = np.array([[0, 1, 0], [1, 1, 1], [0, 1, 0]], bool)
+
+
+def _erode(ink: np.ndarray, diameter: float) -> np.ndarray:
+  """Grey erosion by a disk of this diameter; large ones by alternating 3x3 squares and crosses
+  (an octagon of the same radius), in time linear in the radius."""
+  if diameter <= _DIRECT_EROSION:
+    return ndimage.grey_erosion(ink, footprint=_disk(diameter))
+  for i in range(round(diameter / 2)):
+    ink = ndimage.minimum_filter(ink, size=3) if i % 2 == 0 else ndimage.minimum_filter(
+        ink, footprint=_CROSS)
+  return ink
+
+
 def _resize(values: np.ndarray, width: int, height: int) -> np.ndarray:
   """Anti-aliased resize of a float map."""
   shrink = width < values.shape[1] or height < values.shape[0]
@@ -368,7 +385,7 @@ def to_mnist(source: ImageSource) -> np.ndarray:
     ink = ndimage.grey_dilation(np.pad(ink, int(target)), footprint=_disk(target - width))
     ink = _crop(ink)
   elif width > 1.35 * target:
-    ink = _crop(ndimage.grey_erosion(ink, footprint=_disk(width - 1.1 * target)))
+    ink = _crop(_erode(ink, width - 1.1 * target))
   h, w = ink.shape
   scale = BOX / max(h, w)
   new_h, new_w = max(1, round(h * scale)), max(1, round(w * scale))

@@ -220,7 +220,8 @@ def create_app(predictor: Predictor, *, max_upload_bytes: int = MAX_UPLOAD_BYTES
       status = 422 if result.error.startswith("no digit found") else 400
       return JSONResponse({"error": result.error, "digit": None}, status_code=status)
     return JSONResponse({"digit": result.digit, "confidence": result.confidence,
-                         "probabilities": result.probabilities,
+                         "probabilities": result.probabilities, "reason": result.reason,
+                         "score": result.score, "threshold": result.threshold,
                          "preprocessed": _png_data_url(result.image)})
 
   requests = prometheus_client.Counter(

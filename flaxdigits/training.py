@@ -18,10 +18,11 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flaxdigits import distributed, parallel
+from flaxdigits import calibration as calibration_lib
+from flaxdigits import distributed, outliers, parallel
 from flaxdigits.augment import random_affine, random_shift, random_stroke
 from flaxdigits.config import ModelConfig, TrainConfig
-from flaxdigits.data import Split, normalize
+from flaxdigits.data import Split, hold_out, normalize
 from flaxdigits.evaluation import EvalResult, cross_entropy, evaluate
 from flaxdigits.model import CNN, build_model, count_params
 
@@ -113,63 +114,98 @@ def make_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientT
                      weight_decay=config.weight_decay)
 
 
-def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: TrainConfig,
-               batch_sharding: jax.sharding.Sharding, state: TrainState,
-               images_uint8_BxHxW: jax.Array, labels_B: jax.Array) -> tuple[TrainState, dict]:
-  """One optimiser step: pure (state, batch) -> (state, metric sums)."""
-  images = jax.lax.with_sharding_constraint(normalize(images_uint8_BxHxW), batch_sharding)
-  step_key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.step)
+def outlier_batch_size(config: TrainConfig, num_devices: int) -> int:
+  """Outliers per step: a quarter of the batch, a whole number per device; 0 without them."""
+  if not config.outlier_exposure:
+    return 0
+  return max(1, -(-config.batch_size // 4 // num_devices)) * num_devices
+
+
+def _augment(config: TrainConfig, key: jax.Array, step: jax.Array,
+             images: jax.Array) -> jax.Array:
+  step_key = jax.random.fold_in(jax.random.fold_in(key, 1), step)
   if config.max_rotation or config.max_scale:
     images = random_affine(step_key, images, config.max_shift, config.max_rotation,
                            config.max_scale)
   elif config.max_shift:
     images = random_shift(step_key, images, config.max_shift)
   if config.stroke_jitter:
-    stroke_key = jax.random.fold_in(jax.random.fold_in(state.key, 2), state.step)
+    stroke_key = jax.random.fold_in(jax.random.fold_in(key, 2), step)
     images = random_stroke(stroke_key, images, config.stroke_jitter)
+  return images
+
+
+def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: TrainConfig,
+               batch_sharding: jax.sharding.Sharding, state: TrainState,
+               images_uint8_BxHxW: jax.Array, labels_B: jax.Array,
+               outliers_uint8_PxHxW: jax.Array | None = None,
+               num_outliers: int = 0) -> tuple[TrainState, dict]:
+  """One optimiser step: pure (state, batch) -> (state, metric sums).
+
+  With outlier exposure, num_outliers images drawn from the pool outliers_uint8_PxHxW join the
+  batch (augmented like the digits), and the loss adds config.outlier_exposure times their
+  cross-entropy against uniform probabilities (Hendrycks et al., 2019): the model learns to be
+  unsure of what is not a digit. Metrics count the digits only.
+  """
+  num_digits = labels_B.shape[0]
+  sharded = lambda x: jax.lax.with_sharding_constraint(x, batch_sharding)
+  images = _augment(config, state.key, state.step, sharded(normalize(images_uint8_BxHxW)))
+  if num_outliers:
+    pick_key = jax.random.fold_in(jax.random.fold_in(state.key, 4), state.step)
+    picked = outliers_uint8_PxHxW[jax.random.randint(pick_key, (num_outliers,), 0,
+                                                     outliers_uint8_PxHxW.shape[0])]
+    others = _augment(config, jax.random.fold_in(state.key, 5), state.step,
+                      sharded(normalize(picked)))
+    images = sharded(jnp.concatenate([images, others]))
 
   dropout_key = jax.random.fold_in(jax.random.fold_in(state.key, 3), state.step)
 
   def loss_fn(params):
     model = nnx.merge(graphdef, params, state.batch_stats, copy=True)
-    logits_BxK = model(images, dropout_key=dropout_key, train=True)
+    logits = model(images, dropout_key=dropout_key, train=True)
+    logits_BxK = logits[:num_digits]
     loss = cross_entropy(logits_BxK, labels_B, config.label_smoothing).mean()
+    if num_outliers:  # cross-entropy against the uniform distribution
+      others = logits[num_digits:]
+      loss += config.outlier_exposure * jnp.mean(
+          jax.nn.logsumexp(others, -1) - jnp.mean(others, -1))
     return loss, (logits_BxK, nnx.state(model, nnx.BatchStat))
 
   (loss, (logits_BxK, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  metrics = {"loss_sum": loss * labels_B.shape[0],
+  metrics = {"loss_sum": loss * num_digits,
              "correct": jnp.sum(jnp.argmax(logits_BxK, -1) == labels_B),
-             "count": jnp.asarray(labels_B.shape[0])}
+             "count": jnp.asarray(num_digits)}
   return TrainState(state.step + 1, params, batch_stats, opt_state, state.key), metrics
 
 
 def _train_chunk(step_fn: Callable, num_steps: int, state: TrainState, images_NxHxW: jax.Array,
-                 labels_N: jax.Array, perm_SxB: jax.Array, start: jax.Array):
+                 labels_N: jax.Array, outliers_PxHxW: jax.Array, perm_SxB: jax.Array,
+                 start: jax.Array):
   """num_steps steps in one dispatch, fully unrolled: on CPU an XLA loop around a conv step
   runs many times slower than straight-line code, and one dispatch per step wastes the host."""
   idx_KxB = jax.lax.dynamic_slice_in_dim(perm_SxB, start, num_steps)
-  return _run_steps(step_fn, state, images_NxHxW[idx_KxB], labels_N[idx_KxB])
+  return _run_steps(step_fn, state, images_NxHxW[idx_KxB], labels_N[idx_KxB], outliers_PxHxW)
 
 
-def _train_chunk_fed(step_fn: Callable, state: TrainState, images_KxBxHxW: jax.Array,
-                     labels_KxB: jax.Array, stop_D: jax.Array):
+def _train_chunk_fed(step_fn: Callable, state: TrainState, outliers_PxHxW: jax.Array,
+                     images_KxBxHxW: jax.Array, labels_KxB: jax.Array, stop_D: jax.Array):
   """_train_chunk for a job of several processes, each feeding its rows of every batch.
 
   stop_D holds each device's process's interrupt flag; their maximum, returned as the metric
   "stop", is the same on every process: a decision they all take after the same chunk.
   """
-  state, totals = _run_steps(step_fn, state, images_KxBxHxW, labels_KxB)
+  state, totals = _run_steps(step_fn, state, images_KxBxHxW, labels_KxB, outliers_PxHxW)
   return state, totals | {"stop": jnp.max(stop_D)}
 
 
 def _run_steps(step_fn: Callable, state: TrainState, images_KxBxHxW: jax.Array,
-               labels_KxB: jax.Array):
+               labels_KxB: jax.Array, outliers_PxHxW: jax.Array):
   totals = None
   for i in range(images_KxBxHxW.shape[0]):
-    state, metrics = step_fn(state, images_KxBxHxW[i], labels_KxB[i])
+    state, metrics = step_fn(state, images_KxBxHxW[i], labels_KxB[i], outliers_PxHxW)
     totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
   return state, totals
 
@@ -254,6 +290,12 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
           stop_at_step: int | None = None, evaluate_each_epoch: bool = True) -> TrainResult:
   """Trains the CNN on data["train"], scoring data["test"] after each epoch.
 
+  With train_config.validation > 0, that many training images are held out (data.hold_out, the
+  same for every seed): each epoch is scored on them instead, a temperature and a not-a-digit
+  threshold are fitted on them (flaxdigits.calibration) and saved with the checkpoint, and
+  data["test"] is scored once, after the last epoch. With train_config.outlier_exposure > 0 the
+  model also learns from synthetic non-digits (flaxdigits.outliers).
+
   With checkpoint_dir, saves (state, configs, history) after every epoch, on Ctrl-C or SIGTERM
   (then raises KeyboardInterrupt) and at the end; every save first checks that the parameters are
   finite. A second Ctrl-C stops at once without saving, keeping the last checkpoint. With resume,
@@ -280,6 +322,9 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
   parallel.check_divisible(train_config.batch_size, mesh)
   multi = jax.process_count() > 1
   train_split, test_split = data["train"], data.get("test")
+  validation_split = None
+  if train_config.validation:
+    train_split, validation_split = hold_out(train_split, train_config.validation)
   steps_per_epoch = len(train_split) // train_config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"batch_size {train_config.batch_size} exceeds the {len(train_split)} "
@@ -300,6 +345,7 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
     tx = make_optimizer(train_config, steps_per_epoch)
     state = init_state(model, tx, train_config.seed)
     history: list[dict[str, float]] = []
+    calibration = None
     notes: tuple[str, ...] = ()
     if resume:
       state, meta, plan, skipped = checkpoint.restore_for_resume(
@@ -308,27 +354,32 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
         train_config = plan.train_config
         tx = make_optimizer(train_config, steps_per_epoch)
       history = meta["history"]
+      if meta.get("calibration"):
+        calibration = calibration_lib.Calibration.from_dict(meta["calibration"])
       notes = tuple(skipped) + ((plan.note,) if plan.note else ())
       if skipped:
         notes += (f"resumed from step {meta['step']}, the newest step that reads back whole; "
                   "the damaged step folders were renamed *.damaged-*",)
     total_steps = train_config.epochs * steps_per_epoch
     state = parallel.replicate(state, mesh)
+    num_outliers = outlier_batch_size(train_config, mesh.size)
+    pool = parallel.replicate(_outlier_pool(train_split, num_outliers), mesh)
     step_fn = functools.partial(train_step, graphdef, tx, train_config,
-                                parallel.batch_sharded(mesh))
+                                parallel.batch_sharded(mesh), num_outliers=num_outliers)
     k = steps_per_dispatch(steps_per_epoch, train_config.steps_per_dispatch)
     options = training_compiler_options(mesh)
     if multi:  # each process feeds its own rows; the interrupt flag rides along
       feed = _HostFeed(mesh, train_split, k, train_config.batch_size)
       fed_fn = jax.jit(functools.partial(_train_chunk_fed, step_fn), donate_argnums=0,
                        compiler_options=options)
-      chunk_fn = lambda state, perm, start, stop: fed_fn(state, *feed(perm, start, stop))
+      chunk_fn = lambda state, perm, start, stop: fed_fn(state, pool, *feed(perm, start, stop))
     else:  # the whole training set on the device, batches gathered inside the program
       images, labels = parallel.replicate(
           (train_split.images, train_split.labels.astype(np.int32)), mesh)
       local_fn = jax.jit(functools.partial(_train_chunk, step_fn, k), donate_argnums=0,
                          compiler_options=options)
-      chunk_fn = lambda state, perm, start, stop: local_fn(state, images, labels, perm, start)
+      chunk_fn = lambda state, perm, start, stop: local_fn(state, images, labels, pool, perm,
+                                                           start)
 
     def save(state):
       if manager is None:
@@ -336,7 +387,8 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
       if not bool(_all_finite(state.params)):
         raise FloatingPointError(f"parameters became non-finite by step {int(state.step)}; "
                                  "lower --lr (the last good checkpoint is kept)")
-      manager.save(state, model_config, train_config, history, train_examples=len(train_split))
+      manager.save(state, model_config, train_config, history, train_examples=len(train_split),
+                   calibration=calibration)
 
     start_step = int(state.step)
     end_step = total_steps if stop_at_step is None else min(total_steps, stop_at_step)
@@ -383,8 +435,19 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
                   "train_loss": sums["loss_sum"] / max(sums["count"], 1),
                   "train_accuracy": sums["correct"] / max(sums["count"], 1),
                   "train_seconds": train_seconds}
-        if evaluate_each_epoch and test_split is not None:
-          test_result = evaluate(nnx.merge(graphdef, *state.variables()), test_split,
+        final = int(state.step) == total_steps
+        model_now = lambda: nnx.merge(graphdef, *state.variables())
+        if validation_split is not None and (evaluate_each_epoch or final):
+          # Scores and calibration on the held-out images; the test set waits for the end.
+          held_out = evaluate(model_now(), validation_split,
+                              batch_size=train_config.eval_batch_size, mesh=mesh)
+          calibration = calibration_lib.fit(held_out.logits, validation_split.labels)
+          record |= {"validation_loss": held_out.loss,
+                     "validation_accuracy": held_out.accuracy,
+                     "temperature": calibration.temperature}
+        if test_split is not None and (final if validation_split is not None
+                                       else evaluate_each_epoch):
+          test_result = evaluate(model_now(), test_split,
                                  batch_size=train_config.eval_batch_size, mesh=mesh)
           record |= {"test_loss": test_result.loss, "test_accuracy": test_result.accuracy}
         record["seconds"] = time.perf_counter() - t_epoch
@@ -407,6 +470,41 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
                      test_result)
 
 
+def _outlier_pool(train_split: Split, num_outliers: int,
+                  progress: Callable[[int], None] | None = None) -> np.ndarray:
+  """The synthetic non-digits outlier exposure draws from (a placeholder image without it):
+  OUTLIER_POOL of them, or as many as there are training images if fewer."""
+  if not num_outliers:
+    return np.zeros((1, 28, 28), np.uint8)
+  return outliers.cached(min(OUTLIER_POOL, len(train_split)), outliers.TRAIN_SEED, train_split,
+                         progress=progress)
+
+
+def outliers_to_render(data: dict[str, Split], config: TrainConfig) -> int:
+  """How many outlier images training with `config` on `data` must render first (0 when they
+  are on disk from an earlier run, or without outlier exposure)."""
+  if not config.outlier_exposure:
+    return 0
+  train_split = data["train"]
+  if config.validation:
+    train_split, _ = hold_out(train_split, config.validation)
+  n = min(OUTLIER_POOL, len(train_split))
+  return 0 if outliers.cache_path(n, outliers.TRAIN_SEED, train_split).is_file() else n
+
+
+def prepare_outliers(data: dict[str, Split], config: TrainConfig,
+                     progress: Callable[[int], None] | None = None) -> None:
+  """Renders (and keeps on disk) the outliers `train` will use, calling progress(1) per image:
+  for a progress bar before training starts."""
+  if config.outlier_exposure:
+    train_split = data["train"]
+    if config.validation:
+      train_split, _ = hold_out(train_split, config.validation)
+    _outlier_pool(train_split, 1, progress)
+
+
+# Outlier exposure's pool: each step augments the images it draws, as it does the digits.
+OUTLIER_POOL = 4000
 # The step counter is an int32 array.
 _MAX_STEPS = 2**31 - 1
 

@@ -37,6 +37,9 @@ def main() -> None:
   parser.add_argument("--runs", type=int, default=5)
   parser.add_argument("--only", nargs="*", help="commands to time: predict, eval, eda")
   parser.add_argument("--against", type=Path, help="a checkout of another commit to compare")
+  parser.add_argument("--against-checkpoint",
+                      help="the checkpoint for --against (default: --checkpoint), where the "
+                      "checkout reads another checkpoint format")
   args = parser.parse_args()
   commands = {
       "digits predict (1 image)": ["predict", "-c", args.checkpoint, args.image],
@@ -53,15 +56,18 @@ def main() -> None:
     filled = {who: tempfile.mkdtemp(prefix="flaxdigits-xla-") for who in launchers}
     empty: dict[str, list[float]] = {who: [] for who in launchers}
     warm: dict[str, list[float]] = {who: [] for who in launchers}
+    own = {who: arguments for who in launchers}
+    if args.against_checkpoint and "-c" in arguments:
+      own["against"] = [args.against_checkpoint if a == args.checkpoint else a for a in arguments]
     for who, launcher in launchers.items():
-      timed(launcher + arguments, os.environ | {"FLAXDIGITS_CACHE_DIR": filled[who]})
+      timed(launcher + own[who], os.environ | {"FLAXDIGITS_CACHE_DIR": filled[who]})
     for _ in range(args.runs):
       for who, launcher in launchers.items():  # alternating: drift hits both alike
         cache = tempfile.mkdtemp(prefix="flaxdigits-xla-")
-        empty[who].append(timed(launcher + arguments,
+        empty[who].append(timed(launcher + own[who],
                                 os.environ | {"FLAXDIGITS_CACHE_DIR": cache}))
         shutil.rmtree(cache, ignore_errors=True)
-        warm[who].append(timed(launcher + arguments,
+        warm[who].append(timed(launcher + own[who],
                                os.environ | {"FLAXDIGITS_CACHE_DIR": filled[who]}))
     for who in launchers:
       shutil.rmtree(filled[who], ignore_errors=True)

@@ -63,7 +63,8 @@ report(start, outcome)
 """,
     "train-into-file": """
 from flaxdigits.cli.main import main
-sys.argv = ["digits", "train", "--epochs", "1", "--batch-size", "64", "--data-dir", sys.argv[3],
+sys.argv = ["digits", "train", "--epochs", "1", "--batch-size", "64", "--validation", "64",
+            "--data-dir", sys.argv[3],
             "-c", sys.argv[2]]
 try:
   main()

@@ -37,6 +37,7 @@ def main() -> None:
   parser.add_argument("--epochs", type=int, default=1)
   parser.add_argument("--rounds", type=int, default=1)
   parser.add_argument("--batch-size", type=int, default=128)
+  parser.add_argument("--validation", type=int, default=5000, help="held-out training images")
   args = parser.parse_args()
   digits = [sys.executable, "-m", "flaxdigits.cli.main"]
   # The XLA_FLAGS of a caller that forces a device count would override --cpu-devices.
@@ -46,6 +47,8 @@ def main() -> None:
       "2 processes x 2 devices": digits + ["launch", "-n", "2", "--", "train", "--cpu-devices",
                                            "2"],
   }
+  setups = {name: command + ["--validation", str(args.validation)]
+            for name, command in setups.items()}
   results: dict[str, list[tuple[float, dict]]] = {name: [] for name in setups}
   for round_ in range(args.rounds):
     order = list(setups) if round_ % 2 == 0 else list(reversed(setups))

@@ -56,6 +56,7 @@ def main() -> None:
   parser.add_argument("--data-dir", required=True)
   parser.add_argument("--epochs", type=int, default=1)
   parser.add_argument("--preset", default="default")
+  parser.add_argument("--validation", type=int, default=5000, help="held-out training images")
   args = parser.parse_args()
   import jax  # pylint: disable=import-outside-toplevel
   devices = jax.devices()
@@ -68,7 +69,8 @@ def main() -> None:
   env = os.environ | {"FLAXDIGITS_CACHE_DIR": str(work / "xla")}
   _, out = step(f"train {args.epochs} epoch(s) on {len(devices)} device(s)", DIGITS + [
       "train", "--data-dir", args.data_dir, "--epochs", str(args.epochs), "--preset",
-      args.preset, "-c", str(ckpt), "--json", "--quiet"], env)
+      args.preset, "--validation", str(args.validation), "-c", str(ckpt), "--json", "--quiet"],
+      env)
   trained = json.loads(out)
   print(f"    test accuracy {100 * trained['test']['accuracy']:.2f}%, "
         f"{trained['history'][-1]['train_seconds']:.1f} s for the last epoch's steps")

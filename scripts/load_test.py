@@ -122,7 +122,8 @@ def run(root: Path, args, requests: list[tuple[bytes, str]], labels: np.ndarray)
   port = free_port()
   with open(f"/tmp/flaxdigits-load-{port}.log", "w+b") as log:
     extra = args.server_args.split() if root == HERE else []
-    server = start_server(root, args.checkpoint, port, log, extra)
+    checkpoint = args.checkpoint if root == HERE else (args.against_checkpoint or args.checkpoint)
+    server = start_server(root, checkpoint, port, log, extra)
     try:
       return load(server.pid, port, args, requests, labels)
     finally:
@@ -202,6 +203,9 @@ def main() -> None:
   parser.add_argument("--against", type=Path, help="a checkout of another commit to compare")
   parser.add_argument("--rounds", type=int, default=1)
   parser.add_argument("--allow-busy", action="store_true", help="503s are not failures")
+  parser.add_argument("--against-checkpoint",
+                      help="the checkpoint for --against (default: --checkpoint), where the "
+                      "checkout reads another checkpoint format")
   parser.add_argument("--server-args", default="",
                       help="more options for this checkout's `digits serve`, in one string")
   args = parser.parse_args()

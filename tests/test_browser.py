@@ -165,3 +165,29 @@ def test_refusals_are_said_in_words(server, browser, tmp_path):
   WebDriverWait(browser, 20).until(lambda d: error.text != "")
   assert "not a picture the server can read" in error.text
   assert browser.find_element(By.ID, "digit").text == "?"
+
+
+@pytest.mark.slow
+def test_a_non_digit_gets_words_not_a_number(server, browser, real_checkpoint, tmp_path):
+  """A picture the model rejects (the first of a few shapes and letters that it does) is
+  answered with a sentence and no digit."""
+  from PIL import Image
+
+  from flaxdigits import outliers
+  predictor = Predictor.from_checkpoint(real_checkpoint)
+  rendered = outliers.render(12, 11, kinds=("shape", "glyph"))
+  path = None
+  for i, image in enumerate(rendered):
+    candidate = tmp_path / f"shape{i}.png"
+    Image.fromarray(255 - image).resize((168, 168), Image.BILINEAR).save(candidate)
+    if predictor.predict([str(candidate)])[0].rejected:
+      path = candidate
+      break
+  assert path is not None, "the model rejected none of 12 shapes and letters"
+  browser.get(server)
+  browser.find_element(By.ID, "upload").send_keys(str(path))
+  digit = browser.find_element(By.ID, "digit")
+  WebDriverWait(browser, 20).until(lambda d: digit.get_attribute("data-state") == "rejected")
+  assert digit.text == "?"
+  assert browser.find_element(By.ID, "confidence").text == "that doesn't look like a digit"
+  assert browser.find_element(By.ID, "error").text == ""

@@ -17,7 +17,7 @@ TINY = ModelConfig(conv_features=(8,), dense_features=(32,))
 @pytest.fixture(scope="module")
 def trained(small, tmp_path_factory):
   directory = tmp_path_factory.mktemp("ckpt")
-  config = TrainConfig(epochs=5, batch_size=128, seed=4)
+  config = TrainConfig(epochs=5, batch_size=128, seed=4, validation=0, outlier_exposure=0.0)
   return directory, train(small, TINY, config, checkpoint_dir=str(directory)), config
 
 

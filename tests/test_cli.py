@@ -13,8 +13,9 @@ runner = CliRunner()
 @pytest.fixture(scope="module")
 def trained_ckpt(tiny_data_dir, tmp_path_factory):
   ckpt = tmp_path_factory.mktemp("cli") / "ckpt"
-  result = runner.invoke(app, ["train", "--epochs", "1", "--batch-size", "64", "--data-dir",
-                               str(tiny_data_dir), "--checkpoint", str(ckpt), "--json"])
+  result = runner.invoke(app, ["train", "--epochs", "1", "--batch-size", "64", "--validation",
+                               "0", "--data-dir", str(tiny_data_dir), "--checkpoint", str(ckpt),
+                               "--json"])
   assert result.exit_code == 0, result.output
   return ckpt, json.loads(result.stdout)
 
@@ -49,8 +50,8 @@ def test_eval_table_shows_accuracy_and_confusion_matrix(trained_ckpt, tiny_data_
 
 def test_train_refuses_to_overwrite_and_resume_extends(trained_ckpt, tiny_data_dir):
   ckpt, _ = trained_ckpt
-  args = ["train", "--batch-size", "64", "--data-dir", str(tiny_data_dir), "--checkpoint",
-          str(ckpt), "--quiet"]
+  args = ["train", "--batch-size", "64", "--validation", "0", "--data-dir", str(tiny_data_dir),
+          "--checkpoint", str(ckpt), "--quiet"]
   refused = runner.invoke(app, args + ["--epochs", "2"])
   assert refused.exit_code == 1
   assert "already holds a checkpoint" in refused.stderr and "Traceback" not in refused.output
@@ -153,7 +154,8 @@ def test_eval_report_tables_json_and_figures(trained_ckpt, tiny_data_dir, tmp_pa
     assert cm[pair["true"]][pair["predicted"]] == pair["count"]
     assert pair["true"] != pair["predicted"]
   names = sorted(p.name for p in (tmp_path / "report").iterdir())
-  assert names == ["confusion_matrix.png", "misclassified.png", "training_curves.png"]
+  assert names == ["confusion_matrix.png", "misclassified.png", "reliability.png",
+                   "training_curves.png"]
   from PIL import Image
   with Image.open(tmp_path / "report" / "confusion_matrix.png") as image:
     assert image.format == "PNG" and image.size == (1400, 650)
@@ -169,8 +171,8 @@ def test_preset_sets_the_recipe_and_options_override_it(tiny_data_dir, tmp_path)
   from flaxdigits.checkpoint import CheckpointManager
   ckpt = tmp_path / "fast"
   result = runner.invoke(app, ["train", "--preset", "fast", "--epochs", "1", "--batch-size", "64",
-                               "--data-dir", str(tiny_data_dir), "--checkpoint", str(ckpt),
-                               "--quiet"])
+                               "--validation", "0", "--data-dir", str(tiny_data_dir),
+                               "--checkpoint", str(ckpt), "--quiet"])
   assert result.exit_code == 0, result.output
   meta = CheckpointManager(ckpt, read_only=True).read_meta()
   assert meta["model"]["conv_features"] == [16, 32] and meta["model"]["dense_features"] == [128]
@@ -184,9 +186,9 @@ def test_preset_sets_the_recipe_and_options_override_it(tiny_data_dir, tmp_path)
 def test_norm_and_dropout_options_shape_the_model(tiny_data_dir, tmp_path):
   from flaxdigits.checkpoint import CheckpointManager, load_model
   ckpt = tmp_path / "bn"
-  result = runner.invoke(app, ["train", "--epochs", "1", "--batch-size", "64", "--norm", "batch",
-                               "--dropout", "0.2", "--data-dir", str(tiny_data_dir),
-                               "--checkpoint", str(ckpt), "--quiet"])
+  result = runner.invoke(app, ["train", "--epochs", "1", "--batch-size", "64", "--validation",
+                               "0", "--norm", "batch", "--dropout", "0.2", "--data-dir",
+                               str(tiny_data_dir), "--checkpoint", str(ckpt), "--quiet"])
   assert result.exit_code == 0, result.output
   meta = CheckpointManager(ckpt, read_only=True).read_meta()
   assert meta["model"]["norm"] == "batch" and meta["model"]["dropout"] == 0.2

@@ -49,8 +49,41 @@ def test_predict_recognises_realistic_renderings(real_checkpoint, mnist, tmp_pat
       image.save(path)
       paths.append(str(path))
       labels.append(int(test.labels[index]))
-  result = runner.invoke(app, ["predict", "-c", str(real_checkpoint), "--json", *paths])
+  result = runner.invoke(app, ["predict", "-c", str(real_checkpoint), "--json", "--no-reject",
+                               *paths])
   assert result.exit_code == 0, result.output
   predicted = [o["digit"] for o in json.loads(result.stdout)]
   accuracy = np.mean(np.array(predicted) == np.array(labels))
   assert accuracy >= 0.95, accuracy
+  # With the reject option on, photos of digits are kept and keep their answers.
+  result = runner.invoke(app, ["predict", "-c", str(real_checkpoint), "--json", *paths])
+  answers = json.loads(result.stdout)
+  kept = [o for o in answers if o["digit"] is not None]
+  assert len(kept) >= 0.9 * len(answers)
+  assert all(o["digit"] == p for o, p in zip(answers, predicted) if o["digit"] is not None)
+
+
+@pytest.mark.slow
+def test_calibration_and_rejection_on_real_digits_and_noise(real_checkpoint, mnist_args):
+  """One epoch is enough for calibration to cut the ECE, for the threshold to keep 99% of the
+  test digits, and for noise and near-blank inputs to be rejected."""
+  evaluated = runner.invoke(app, ["eval", "-c", str(real_checkpoint), *mnist_args, "--json"])
+  out = json.loads(evaluated.stdout)
+  assert out["ece"] < 0.5 * out["ece_uncalibrated"] and out["nll"] < out["nll_uncalibrated"]
+  assert out["reject"]["kept"] >= 0.99
+  assert out["reject"]["kept_accuracy"] >= out["accuracy"]
+
+  from flaxdigits.predict import Predictor
+  predictor = Predictor.from_checkpoint(real_checkpoint)
+  rng = np.random.default_rng(0)
+  noise = rng.random((1000, 28, 28)).astype(np.float32)  # straight to the model
+  assert np.mean(predictor.probabilities(noise).max(-1) < predictor.threshold) >= 0.999
+  pictures = [rng.integers(0, 256, (80, 80), dtype=np.uint8) for _ in range(20)]  # to_mnist
+  passed = [r.score for r in predictor.predict(pictures) if not (r.rejected or r.error)]
+  assert len(passed) <= 2, (passed, predictor.threshold)  # five epochs: none
+  faint = np.full((50, 28, 28), 1.0, np.float32) * rng.uniform(0.05, 0.25, (50, 1, 1))
+  assert np.all(predictor.probabilities(faint).max(-1) < predictor.threshold)
+  specks = (rng.random((100, 28, 28)) < 0.02).astype(np.float32)  # a few lit pixels
+  assert np.mean(predictor.probabilities(specks).max(-1) < predictor.threshold) >= 0.9
+  assert not any(r.rejected for r in Predictor.from_checkpoint(real_checkpoint, reject=False)
+                 .predict(pictures))

@@ -74,7 +74,8 @@ def test_most_confused_pairs_are_the_largest_off_diagonal_cells():
   cm = np.diag(np.full(10, 50))
   cm[9, 4], cm[4, 9], cm[3, 5], cm[7, 1] = 6, 2, 4, 4
   result = EvalResult(accuracy=0.9, loss=0.1, num_examples=int(cm.sum()), confusion_matrix=cm,
-                      predicted=np.zeros(0, int), confidence=np.zeros(0))
+                      predicted=np.zeros(0, int), confidence=np.zeros(0),
+                      logits=np.zeros((0, 10)))
   assert result.most_confused(3) == [{"true": 9, "predicted": 4, "count": 6},
                                      {"true": 3, "predicted": 5, "count": 4},
                                      {"true": 7, "predicted": 1, "count": 4}]

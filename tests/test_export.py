@@ -25,7 +25,7 @@ def reference(real_checkpoint, mnist):
   """The JAX model's probabilities on all 10,000 real MNIST test images."""
   model, meta = load_model(real_checkpoint)
   images = normalize(mnist["test"].images)
-  fn = jax.jit(export.probabilities_fn(model))
+  fn = jax.jit(export.probabilities_fn(model, meta["calibration"]["temperature"]))
   expected = np.concatenate([np.asarray(fn(images[i:i + 1000])) for i in range(0, 10_000, 1000)])
   return model, meta, images, expected
 
@@ -41,13 +41,16 @@ def test_export_matches_jax_on_all_test_images(reference, fmt, tmp_path):
   assert got.shape == (10_000, 10)
   agreement = np.mean(got.argmax(-1) == expected.argmax(-1))
   assert agreement >= 0.9999, agreement
-  assert np.abs(got - expected).max() <= 1e-4
+  assert np.abs(got - expected).max() <= 1e-5  # the same calibrated probabilities
   for n in (1, 7):  # the batch dimension is dynamic
-    np.testing.assert_allclose(export.run(result.path, images[:n]), expected[:n], atol=1e-4)
+    np.testing.assert_allclose(export.run(result.path, images[:n]), expected[:n], atol=1e-5)
   sidecar = json.loads(result.sidecar.read_text())
   assert sidecar["input"]["shape"] == ["N", 28, 28, 1] and sidecar["input"]["range"] == [0, 1]
   assert sidecar["output"]["name"] == "probabilities" and sidecar["classes"][3] == "3"
   assert sidecar["source"]["step"] == meta["step"] and sidecar["file"] == f"digits.{fmt}"
+  assert sidecar["output"]["calibrated"] is True
+  assert sidecar["calibration"]["temperature"] == meta["calibration"]["temperature"]
+  assert sidecar["reject"]["threshold"] == meta["calibration"]["threshold"]
 
 
 @pytest.mark.parametrize("fmt", export.FORMATS)

@@ -68,6 +68,7 @@ def start(args, env) -> subprocess.Popen:
 
 def train_args(data_dir, ckpt, *extra):
   return ["train", "--data-dir", data_dir, "-c", ckpt, "--cpu-devices", 2, "--json", "--quiet",
+          "--validation", 64,
           *extra]
 
 

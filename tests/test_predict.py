@@ -9,6 +9,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from flaxdigits import bundle
+from flaxdigits.calibration import Calibration
 from flaxdigits.checkpoint import load_model
 from flaxdigits.cli.main import app
 from flaxdigits.predict import Predictor, expand_paths
@@ -80,7 +81,9 @@ def test_bundle_computes_what_the_checkpoint_computes(checkpoint, small):
   model, meta = load_model(checkpoint)
   assert loaded.step == meta["step"] and loaded.model_config == meta["model"]
   images = small["test"].images[:37] / np.float32(255)
-  from_model = Predictor.from_model(model).probabilities(images)
+  calibration = Calibration.from_dict(meta["calibration"])
+  assert loaded.calibration == meta["calibration"] and calibration.temperature != 1
+  from_model = Predictor.from_model(model, calibration).probabilities(images)
   np.testing.assert_allclose(np.asarray(loaded.probabilities(images)), from_model, atol=1e-6)
   np.testing.assert_allclose(Predictor.from_checkpoint(checkpoint).probabilities(images),
                              from_model, atol=1e-6)
@@ -165,10 +168,12 @@ def test_a_bundle_for_another_platform_falls_back_to_the_checkpoint(checkpoint, 
   shutil.copytree(checkpoint, ckpt)
   model, meta = load_model(ckpt)
   monkeypatch.setattr(bundle, "PLATFORMS", ("cuda",))  # as if trained on a GPU only
-  bundle.write(ckpt, model, meta["step"], meta["model"])
+  bundle.write(ckpt, model, meta["step"], meta["model"], meta["calibration"])
   monkeypatch.undo()
   with pytest.raises(ValueError, match="exported for cuda, not cpu"):
     bundle.load(bundle.find(ckpt))
   images = np.random.default_rng(0).random((3, 28, 28), np.float32)
   got = Predictor.from_checkpoint(ckpt).probabilities(images)  # the first call does not fail
-  np.testing.assert_allclose(got, Predictor.from_model(model).probabilities(images), atol=1e-6)
+  calibration = Calibration.from_dict(meta["calibration"])
+  np.testing.assert_allclose(got, Predictor.from_model(model, calibration).probabilities(images),
+                             atol=1e-6)

@@ -33,7 +33,8 @@ def digit_png(small, tmp_path_factory) -> Path:
 def test_every_script_has_a_smoke_test():
   tested = {"bench_cold.py", "bench_eval.py", "bench_hostile.py", "bench_predict.py",
             "bench_preprocess.py", "bench_startup.py", "bench_train.py", "benchmark.py",
-            "check_export.py", "compare_tta.py", "load_test.py", "make_realistic_set.py",
+            "check_export.py", "compare_ood.py", "compare_tta.py", "load_test.py",
+            "make_realistic_set.py",
             "flax_example_loop.py", "bench_multihost.py", "gpu_check.py"}  # a module benchmark.py and bench_train.py run
   assert {p.name for p in SCRIPTS.glob("*.py") if not p.name.startswith("_")} == tested
 
@@ -48,7 +49,7 @@ def test_bench_cold(tiny_checkpoint, tiny_data_dir, digit_png):
   assert "predict" in out and "eval" in out
   out = run("bench_cold.py", "--checkpoint", tiny_checkpoint, "--image", digit_png,
             "--data-dir", tiny_data_dir, "--runs", 1, "--only", "predict", "--against",
-            SCRIPTS.parent)
+            SCRIPTS.parent, "--against-checkpoint", tiny_checkpoint)
   assert "[this]" in out and "[against]" in out
 
 
@@ -74,6 +75,12 @@ def test_make_realistic_set_and_bench_predict(tiny_checkpoint, tiny_data_dir, tm
   out = run("bench_predict.py", "--checkpoint", tiny_checkpoint, "--data-dir", tiny_data_dir,
             "--set", tmp_path / "set")
   assert "overall" in out.lower()
+  out = run("compare_ood.py", "--checkpoint", tiny_checkpoint, "--data-dir", tiny_data_dir,
+            "--outliers", 12, "--noise", 20, "--realistic", tmp_path / "set", "--json")
+  figures = json.loads(out.splitlines()[-1])
+  assert set(figures["choice"]) == {"max_probability", "energy", "max_logit"}
+  assert figures["outliers"]["count"] == 12 and 0 <= figures["noise"]["rejected"] <= 1
+  assert figures["realistic"]["count"] == 13
 
 
 def test_bench_train(tiny_data_dir):
@@ -105,7 +112,8 @@ def test_load_test(tiny_checkpoint, tiny_data_dir, kind):
   pytest.importorskip("uvicorn", reason="needs the serve extra")
   out = run("load_test.py", "--checkpoint", tiny_checkpoint, "--data-dir", tiny_data_dir,
             "--kind", kind, "--clients", 2, "--requests", 10, "--max-seconds", 120,
-            *(["--against", SCRIPTS.parent] if kind == "pad" else []))
+            *(["--against", SCRIPTS.parent, "--against-checkpoint", tiny_checkpoint]
+              if kind == "pad" else []))
   assert out.count("requests/s") == (2 if kind == "pad" else 1) and "statuses 200: 10" in out
 
 
@@ -128,11 +136,12 @@ def test_checkout_runs_a_checkouts_own_cli():
 
 
 def test_bench_multihost(tiny_data_dir):
-  out = run("bench_multihost.py", "--data-dir", tiny_data_dir, "--batch-size", 64)
+  out = run("bench_multihost.py", "--data-dir", tiny_data_dir, "--batch-size", 64,
+            "--validation", 64)
   assert "| 1 process x 4 devices |" in out and "| 2 processes x 2 devices |" in out
   assert "wall time" in out
 
 
 def test_gpu_check_runs_its_steps_on_cpu(tiny_data_dir):
-  out = run("gpu_check.py", "--data-dir", tiny_data_dir)
+  out = run("gpu_check.py", "--data-dir", tiny_data_dir, "--validation", 64)
   assert "the bundle on the CPU" in out and "all checks passed" in out

@@ -1,4 +1,5 @@
 import base64
+import dataclasses
 import io
 import re
 import socket
@@ -26,7 +27,7 @@ from flaxdigits.training import train
 def predictor(small, tmp_path_factory):
   directory = tmp_path_factory.mktemp("serve") / "ckpt"
   train(small, ModelConfig(conv_features=(8,), dense_features=(32,)),
-        TrainConfig(epochs=1, batch_size=64), checkpoint_dir=str(directory))
+        TrainConfig(epochs=1, batch_size=64, validation=64), checkpoint_dir=str(directory))
   return Predictor.from_checkpoint(directory)
 
 
@@ -58,6 +59,19 @@ def test_multipart_and_data_url_give_what_predict_gives(client, predictor, small
     assert out["confidence"] == pytest.approx(max(out["probabilities"]))
     seen = Image.open(io.BytesIO(base64.b64decode(out["preprocessed"].split(",", 1)[1])))
     np.testing.assert_allclose(np.asarray(seen) / 255, expected.image, atol=1 / 255)
+
+
+def test_not_a_digit_is_an_answer_with_its_score(predictor, small):
+  """A rejected input is a 200 with digit null, the reason, its score and the threshold."""
+  unsure = Predictor(predictor._probabilities, calibration=dataclasses.replace(  # pylint: disable=protected-access
+      predictor.calibration, threshold=1.01))  # above any probability: everything is rejected
+  with TestClient(create_app(unsure, max_upload_bytes=200_000)) as rejecting:
+    response = rejecting.post("/api/predict", files={"file": ("d.png",
+                                                              png(small["test"].images[0]))})
+  assert response.status_code == 200, response.text
+  out = response.json()
+  assert out["digit"] is None and out["reason"] == "not a digit" and out["threshold"] == 1.01
+  assert out["score"] == pytest.approx(max(out["probabilities"])) == out["confidence"]
 
 
 def test_page_healthz_and_security_headers(client):

@@ -153,10 +153,16 @@ function show(answer, error = "") {
     digitEl.dataset.state = error ? "error" : "idle";
     return;
   }
-  digitEl.textContent = String(answer.digit);
-  confidenceEl.textContent = `${(100 * answer.confidence).toFixed(1)}% sure`;
   seenEl.src = answer.preprocessed;
   answer.probabilities.forEach((p, d) => setBar(bars[d], p, d === answer.digit));
+  if (answer.digit === null) {  // the reject option: the model is unsure this is a digit at all
+    digitEl.textContent = "?";
+    confidenceEl.textContent = "that doesn't look like a digit";
+    digitEl.dataset.state = "rejected";
+    return;
+  }
+  digitEl.textContent = String(answer.digit);
+  confidenceEl.textContent = `${(100 * answer.confidence).toFixed(1)}% sure`;
   digitEl.dataset.state = "done";
 }
 
