@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
 import numpy as np
@@ -64,7 +65,9 @@ def main() -> None:
   _, validation = hold_out(data["train"], held)
   logits = lambda images: evaluate(model, Split(images, np.zeros(len(images), np.uint8))).logits
 
+  started = time.perf_counter()
   rendered = outliers.render(args.outliers, outliers.HELD_OUT_SEED, validation)
+  seconds = time.perf_counter() - started
   kinds = np.array([outliers.kind_of(i) for i in range(len(rendered))])
   val_logits, out_logits = evaluate(model, validation).logits, logits(rendered)
   figures: dict = {"checkpoint": args.checkpoint, "step": meta["step"],
@@ -73,6 +76,9 @@ def main() -> None:
   print(f"checkpoint {args.checkpoint} step {meta['step']}: temperature "
         f"{fitted.temperature:.3f}, threshold {fitted.threshold:.4f} (keeps "
         f"{100 * fitted.keep:g}% of {fitted.examples:,} held-out digits)")
+  print(f"rendered {len(rendered):,} outliers in {seconds:.1f} s "
+        f"({1000 * seconds / max(len(rendered), 1):.2f} ms each)")
+  figures["render_ms_per_image"] = 1000 * seconds / max(len(rendered), 1)
   print(f"\nchoosing a score: {len(validation):,} held-out digits against {len(rendered):,} "
         "held-out synthetic outliers")
   print(f"{'score':16s} {'AUROC':>8s}  outliers rejected at the default threshold rule")

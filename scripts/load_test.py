@@ -144,11 +144,11 @@ def load(pid: int, port: int, args, requests, labels) -> dict:
   warm.close()
   next_index = iter(range(args.requests))
   lock = threading.Lock()
-  latencies, statuses, correct, memory = [], collections.Counter(), 0, {}
+  latencies, statuses, correct, rejected, memory = [], collections.Counter(), 0, 0, {}
   stop_at = time.monotonic() + args.max_seconds
 
   def client() -> None:
-    nonlocal correct
+    nonlocal correct, rejected
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
     while time.monotonic() < stop_at:
       with lock:
@@ -158,9 +158,11 @@ def load(pid: int, port: int, args, requests, labels) -> dict:
       start = time.perf_counter()
       try:
         status, body = post(connection, i)
-        digit = json.loads(body).get("digit") if status == 200 else None
+        answer = json.loads(body) if status == 200 else {}
+        digit = answer.get("digit")
+        not_a_digit = answer.get("reason") == "not a digit"
       except (OSError, http.client.HTTPException) as e:
-        status, digit = type(e).__name__, None
+        status, digit, not_a_digit = type(e).__name__, None, False
         connection.close()
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
       elapsed = time.perf_counter() - start
@@ -170,6 +172,7 @@ def load(pid: int, port: int, args, requests, labels) -> dict:
         latencies.append(elapsed)
         statuses[status] += 1
         correct += digit == int(labels[i % len(labels)])
+        rejected += not_a_digit
         if len(latencies) == 100:
           memory["after 100"] = rss_mb(pid)
     connection.close()
@@ -187,6 +190,7 @@ def load(pid: int, port: int, args, requests, labels) -> dict:
   ms = np.percentile(np.array(latencies) * 1000, [50, 90, 99])
   return {"done": len(latencies), "wall": wall, "p50": ms[0], "p90": ms[1], "p99": ms[2],
           "max": 1000 * max(latencies), "statuses": dict(statuses), "correct": correct,
+          "rejected": rejected,
           "memory": memory, "cpu_ms": 1000 * cpu / max(1, len(latencies)),
           "client_cpu_ms": 1000 * client_cpu / max(1, len(latencies))}
 
@@ -227,7 +231,7 @@ def main() -> None:
             f"{r['p50']:.0f} ms, p90 {r['p90']:.0f} ms, p99 {r['p99']:.0f} ms, max "
             f"{r['max']:.0f} ms; CPU per request: server process {r['cpu_ms']:.1f} ms, clients "
             f"{r['client_cpu_ms']:.1f} ms; statuses {statuses}; "
-            f"correct {r['correct']}/{r['done']}; "
+            f"correct {r['correct']}/{r['done']} ({r['rejected']} not a digit); "
             f"server memory {memory}", flush=True)
       bad = {k: v for k, v in r["statuses"].items() if k != 200 and (k != 503 or
                                                                       not args.allow_busy)}
