@@ -219,9 +219,7 @@ def train(
   with _user_errors():
     given = {k: v for k, v in dict(batch_size=batch_size, learning_rate=lr, seed=seed,
                                    epochs=epochs).items() if v is not None}
-    if validation is not None:  # the held-out images are part of a run's data: fixed on resume
-      if resume:
-        raise ValueError("--resume keeps the checkpoint's own validation split; drop --validation")
+    if validation is not None:  # on resume, it must be the checkpoint's own (resolve_resume)
       given["validation"] = validation
     model_given = {k: v for k, v in dict(norm=norm.value if norm else None,
                                          dropout=dropout).items() if v is not None}

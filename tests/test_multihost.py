@@ -18,13 +18,14 @@ from conftest import SHARED_MNIST, SMALL_DIR
 
 pytestmark = [pytest.mark.slow, pytest.mark.xdist_group("multihost")]
 
-# 3 epochs of 8 steps on the 512 small training images. The all-reduce sums in another order
+# 3 epochs of 7 steps on the 448 small training images not held out (64 are: validation,
+# calibration and outlier exposure run across processes too). The all-reduce sums in another order
 # across processes, and Adam's normalised updates amplify that rounding where a gradient is near
 # zero, in proportion to the learning rate: after 32 steps the parameters were 1.9e-6 apart at
 # 1e-3 (just outside rtol 1e-5 / atol 1e-6) and up to 9e-4 apart after 16 steps at 3e-3. At 3e-4
 # they stay within that tolerance (3e-8 apart after 32 steps).
 RECIPE = ["--epochs", "3", "--batch-size", "64", "--lr", "3e-4"]
-STEPS = 24
+STEPS = 21
 
 
 @pytest.fixture(scope="module")
@@ -87,9 +88,9 @@ def assert_params_close(a, b):
 
 
 def wait_for_step(ckpt: Path, job: subprocess.Popen, timeout=120):
-  """Waits until the job has saved its first epoch (step 8)."""
+  """Waits until the job has saved its first epoch (step 7)."""
   deadline = time.monotonic() + timeout
-  while not (ckpt / "8").is_dir():
+  while not (ckpt / "7").is_dir():
     assert job.poll() is None, job.communicate()
     assert time.monotonic() < deadline, "no checkpoint in time"
     time.sleep(0.05)
@@ -139,7 +140,7 @@ def test_ctrl_c_saves_once_exits_130_and_resumes(two, small_dir, env, tmp_path):
   assert job.returncode == 130, stderr
   assert "interrupted" in stderr and "--resume" in stderr
   steps = sorted(int(p.name) for p in ckpt.iterdir() if p.name.isdigit())
-  assert 8 <= steps[-1] < STEPS, steps  # stopped, and saved where it stopped
+  assert 7 <= steps[-1] < STEPS, steps  # stopped, and saved where it stopped
   resumed = digits(["launch", "-n", 2, "--", *train_args(small_dir, ckpt, "--resume")], env)
   assert resumed.returncode == 0, resumed.stderr
   assert json.loads(resumed.stdout)["step"] == STEPS
@@ -179,4 +180,4 @@ def test_a_resume_in_one_process_continues_a_two_process_checkpoint(two, small_d
   extended = digits(train_args(small_dir, ckpt, "--resume", "--epochs", 4, "--cpu-devices", 1),
                     env)
   assert extended.returncode == 0, extended.stderr
-  assert json.loads(extended.stdout)["step"] == STEPS + 8
+  assert json.loads(extended.stdout)["step"] == STEPS + 7
