@@ -227,6 +227,24 @@ def reliability_diagram(logits_NxK: np.ndarray, labels_N: np.ndarray,
   return figure
 
 
+def preprocessing_stages(examples: Sequence[tuple[str, dict[str, np.ndarray]]]) -> Figure:
+  """A row per example (its name and preprocess.stages(...)): the picture, the ink found in it,
+  the digit kept and cropped, and the 28x28 the model sees."""
+  titles = {"picture": "picture (working size)", "ink": "ink, background removed",
+            "digit": "digit kept, cropped", "mnist": "28x28 for the model"}
+  figure = Figure(figsize=(10, 2.6 * len(examples)), layout="constrained")
+  axes = np.atleast_2d(figure.subplots(len(examples), len(titles)))
+  for row, (name, stage) in zip(axes, examples):
+    for ax, key in zip(row, titles):
+      ax.imshow(stage[key], cmap="gray" if key == "picture" else "gray_r" if key != "mnist"
+                else "gray", vmin=0, vmax=1)
+      ax.set_xticks([])
+      ax.set_yticks([])
+      ax.set_title(titles[key], fontsize=9)
+    row[0].set_ylabel(name, fontsize=9)
+  return figure
+
+
 def report_figures(result, test: Split, history: Sequence[dict[str, float]],
                    temperature: float | None = None) -> dict[str, Figure]:
   """Every `digits eval --report` figure, by file stem, for an EvalResult on `test`."""

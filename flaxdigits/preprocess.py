@@ -364,6 +364,16 @@ def _resize(values: np.ndarray, width: int, height: int) -> np.ndarray:
       (width, height), Image.BOX if shrink else Image.BILINEAR))
 
 
+def stages(source: ImageSource) -> dict[str, np.ndarray]:
+  """What `to_mnist` sees at each stage, for figures: "picture" (decoded, upright, at the
+  working size, grey), "ink" (ink strength, background removed), "digit" (the kept ink, cropped)
+  and "mnist" (the 28x28 result)."""
+  image = load_image(source)
+  ink = ink_map(image)
+  return {"picture": np.asarray(image.convert("L"), np.float32) / 255.0, "ink": ink,
+          "digit": _crop(_keep_digit(ink)), "mnist": to_mnist(image)}
+
+
 def to_mnist(source: ImageSource) -> np.ndarray:
   """Any digit picture -> float32 (28, 28) in [0, 1], white ink on black, MNIST-centred.
 

@@ -7,6 +7,7 @@ memory of its own address space; ru_maxrss would include the parent's across exe
   png-bomb        to_mnist on an RGB PNG of ~160 KB declaring 6320x6320 (40 Mpx)
   png-largest     to_mnist on a 4096x4096 RGB PNG, the largest non-JPEG decoded
   jpeg-12mp       to_mnist on a 4000x3000 JPEG of a drawn digit
+  filled-disc     to_mnist on a 1000x1000 PNG of one filled black disc (all "stroke")
   idx-gzip-bomb   read_idx on a ~2 MB gzip holding 2 GB after a header promising 10 images
   train-into-file `digits train -c FILE` (a file, not a folder) until the process exits
 
@@ -52,6 +53,7 @@ CASES = {
     "png-bomb": TO_MNIST,
     "png-largest": TO_MNIST,
     "jpeg-12mp": TO_MNIST,
+    "filled-disc": TO_MNIST,
     "idx-gzip-bomb": """
 from flaxdigits.data import read_idx
 start = time.perf_counter()
@@ -87,6 +89,10 @@ def make_inputs(folder: Path, scale: float) -> dict[str, list[str]]:
   h, w = photo.shape
   photo[h // 4:3 * h // 4, w // 2 - w // 40:w // 2 + w // 40] = 30  # a "1"
   Image.fromarray(photo).save(folder / "photo.jpg", quality=90)
+  y, x = np.mgrid[:side(1000), :side(1000)]
+  r = side(1000) / 2
+  Image.fromarray(np.where((y - r) ** 2 + (x - r) ** 2 < (0.5 * r) ** 2, 0, 255).astype(
+      np.uint8)).save(folder / "disc.png")
   header = (2051).to_bytes(4, "big") + b"".join(d.to_bytes(4, "big") for d in (10, 28, 28))
   packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # gzip
   with open(folder / "bomb-idx3-ubyte.gz", "wb") as f:
@@ -97,7 +103,8 @@ def make_inputs(folder: Path, scale: float) -> dict[str, list[str]]:
   (folder / "a-file").write_text("not a folder")
   data = HERE / "tests" / "data" / "mnist-small"
   return {"png-bomb": [folder / "bomb.png"], "png-largest": [folder / "largest.png"],
-          "jpeg-12mp": [folder / "photo.jpg"], "idx-gzip-bomb": [folder / "bomb-idx3-ubyte.gz"],
+          "jpeg-12mp": [folder / "photo.jpg"], "filled-disc": [folder / "disc.png"],
+          "idx-gzip-bomb": [folder / "bomb-idx3-ubyte.gz"],
           "train-into-file": [folder / "a-file", data]}
 
 

@@ -245,3 +245,25 @@ def test_a_uniform_border_skips_the_fit_with_the_same_result(digit, monkeypatch)
   assert np.array_equal(to_mnist(canvas), fast) and not calls  # the fit is skipped ...
   monkeypatch.setattr(preprocess, "_one_level", lambda border, level: False)
   assert similarity(to_mnist(canvas), fast) > 0.999 and calls  # ... and would agree
+
+
+def test_stages_show_what_to_mnist_does(digit):
+  from flaxdigits.preprocess import stages
+  _, big = digit
+  picture = Image.fromarray(np.round(255 * page(big)).astype(np.uint8))
+  shown = stages(picture)
+  assert list(shown) == ["picture", "ink", "digit", "mnist"]
+  assert shown["picture"].shape == shown["ink"].shape and max(shown["picture"].shape) <= WORK_SIDE
+  assert shown["picture"].mean() > 0.8 and shown["ink"].mean() < 0.2  # light page, dark ink
+  assert shown["digit"].shape[0] < shown["ink"].shape[0]  # cropped to the digit
+  np.testing.assert_array_equal(shown["mnist"], to_mnist(picture))
+
+
+def test_filled_shapes_come_out_mnist_like():
+  """A filled disc is all "stroke": it is eroded to the target stroke width by repeated 3x3
+  erosions (one disk footprint as wide as the shape took 0.23 s; scripts/bench_hostile.py
+  times it)."""
+  y, x = np.mgrid[:400, :400]
+  disc = np.where((y - 200) ** 2 + (x - 200) ** 2 < 150 ** 2, 0, 255).astype(np.uint8)
+  out = to_mnist(disc)
+  assert_mnist_like(out)

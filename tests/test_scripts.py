@@ -34,7 +34,7 @@ def test_every_script_has_a_smoke_test():
   tested = {"bench_cold.py", "bench_eval.py", "bench_hostile.py", "bench_predict.py",
             "bench_preprocess.py", "bench_startup.py", "bench_train.py", "benchmark.py",
             "check_export.py", "compare_ood.py", "compare_tta.py", "load_test.py",
-            "make_realistic_set.py",
+            "make_realistic_set.py", "make_doc_figures.py",
             "flax_example_loop.py", "bench_multihost.py", "gpu_check.py"}  # a module benchmark.py and bench_train.py run
   assert {p.name for p in SCRIPTS.glob("*.py") if not p.name.startswith("_")} == tested
 
@@ -81,6 +81,12 @@ def test_make_realistic_set_and_bench_predict(tiny_checkpoint, tiny_data_dir, tm
   assert set(figures["choice"]) == {"max_probability", "energy", "max_logit"}
   assert figures["outliers"]["count"] == 12 and 0 <= figures["noise"]["rejected"] <= 1
   assert figures["realistic"]["count"] == 13
+
+
+def test_make_doc_figures(tiny_data_dir, tmp_path):
+  out = run("make_doc_figures.py", "--data-dir", tiny_data_dir, "--out", tmp_path)
+  figure = Image.open(tmp_path / "preprocessing_stages.png")
+  assert "preprocessing_stages.png" in out and figure.size[0] >= 800
 
 
 def test_bench_train(tiny_data_dir):
