@@ -321,10 +321,8 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
   mesh = mesh or parallel.make_mesh()
   parallel.check_divisible(train_config.batch_size, mesh)
   multi = jax.process_count() > 1
-  train_split, test_split = data["train"], data.get("test")
-  validation_split = None
-  if train_config.validation:
-    train_split, validation_split = hold_out(train_split, train_config.validation)
+  train_split, validation_split = _split(data, train_config)
+  test_split = data.get("test")
   steps_per_epoch = len(train_split) // train_config.batch_size
   if steps_per_epoch == 0:
     raise ValueError(f"batch_size {train_config.batch_size} exceeds the {len(train_split)} "
@@ -480,14 +478,19 @@ def _outlier_pool(train_split: Split, num_outliers: int,
                          progress=progress)
 
 
+def _split(data: dict[str, Split], config: TrainConfig) -> tuple[Split, Split | None]:
+  """(the images trained on, the held-out ones or None) of data["train"]."""
+  if not config.validation:
+    return data["train"], None
+  return hold_out(data["train"], config.validation)
+
+
 def outliers_to_render(data: dict[str, Split], config: TrainConfig) -> int:
   """How many outlier images training with `config` on `data` must render first (0 when they
   are on disk from an earlier run, or without outlier exposure)."""
   if not config.outlier_exposure:
     return 0
-  train_split = data["train"]
-  if config.validation:
-    train_split, _ = hold_out(train_split, config.validation)
+  train_split, _ = _split(data, config)
   n = min(OUTLIER_POOL, len(train_split))
   return 0 if outliers.cache_path(n, outliers.TRAIN_SEED, train_split).is_file() else n
 
@@ -497,10 +500,7 @@ def prepare_outliers(data: dict[str, Split], config: TrainConfig,
   """Renders (and keeps on disk) the outliers `train` will use, calling progress(1) per image:
   for a progress bar before training starts."""
   if config.outlier_exposure:
-    train_split = data["train"]
-    if config.validation:
-      train_split, _ = hold_out(train_split, config.validation)
-    _outlier_pool(train_split, 1, progress)
+    _outlier_pool(_split(data, config)[0], 1, progress)
 
 
 # Outlier exposure's pool: each step augments the images it draws, as it does the digits.
