@@ -193,6 +193,12 @@ def train(
     resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
     json_out: Json = False,
+    logdir: Annotated[Optional[Path], typer.Option(
+        help="Also write TensorBoard event files here: every epoch's losses, accuracies and "
+        "timings, and the running training figures every --log-every steps "
+        "(tensorboard --logdir DIR).", show_default=False)] = None,
+    log_every: Annotated[int, typer.Option(
+        min=1, help="Optimiser steps between the running training figures in --logdir.")] = 50,
     cpu_devices: CpuDevices = 0,
     coordinator: Annotated[Optional[str], typer.Option(
         envvar="FLAXDIGITS_COORDINATOR", show_default=False, rich_help_panel="Multi-process",
@@ -234,6 +240,9 @@ def train(
       model_config, recipe = preset_configs((preset or Preset.default).value)
       model_config = dataclasses.replace(model_config, **model_given)
       train_config = dataclasses.replace(recipe, **given)
+    # Before the data: a log directory that cannot be written fails at once.
+    from flaxdigits.writers import MultiWriter, TensorBoardWriter  # pylint: disable=import-outside-toplevel
+    board = TensorBoardWriter(logdir, every_steps=log_every) if logdir is not None else None
     data = _load_data(data_dir, ("train", "test"), console)
     from flaxdigits import training  # pylint: disable=import-outside-toplevel
     to_render = training.outliers_to_render(data, train_config)
@@ -242,9 +251,12 @@ def train(
       with counting_progress(console, "rendering non-digits to learn from", to_render) as advance:
         training.prepare_outliers(data, train_config, advance)
     try:
-      with _render_training(console, train_config.epochs, quiet) as display:
+      with contextlib.ExitStack() as writers:
+        writer = writers.enter_context(_render_training(console, train_config.epochs, quiet))
+        if board is not None:
+          writer = MultiWriter([writer, writers.enter_context(board)])
         result = train_fn(data, model_config, train_config, checkpoint_dir=str(checkpoint),
-                          resume=resume, callback=display)
+                          resume=resume, writer=writer)
     except KeyboardInterrupt:
       with ckpt_lib.CheckpointManager(checkpoint, read_only=True) as manager:
         step = manager.latest_step()

@@ -1,9 +1,9 @@
-"""Rich rendering of training events and evaluation results (the library never prints)."""
+"""Rich rendering of training progress and evaluation results (the library never prints)."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
 from rich.console import Console
 from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgress, TextColumn,
@@ -11,6 +11,8 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress as RichProgre
 from rich import box
 from rich.table import Table
 from rich.text import Text
+
+from flaxdigits.writers import MetricWriter, periodic
 
 
 def plain(text: object, style: str = "") -> Text:
@@ -25,25 +27,28 @@ def message(label: str, style: str, text: object) -> Text:
   return Text.assemble((f"{label}:", style), " ", plain(text))
 
 
-def format_epoch(record: dict[str, Any], epochs: int) -> str:
-  line = (f"epoch {record['epoch']}/{epochs}  loss {record['train_loss']:.4f}  "
-          f"acc {100 * record['train_accuracy']:.2f}%")
-  if "validation_accuracy" in record:
-    line += (f"  [bold]val acc {100 * record['validation_accuracy']:.2f}%[/]  "
-             f"val loss {record['validation_loss']:.4f}")
-  if "test_accuracy" in record:
-    line += (f"  [bold]test acc {100 * record['test_accuracy']:.2f}%[/]  "
-             f"test loss {record['test_loss']:.4f}")
-  return line + f"  {record['seconds']:.1f} s"
+def format_epoch(scalars: Mapping[str, float], epochs: int) -> str:
+  """One line for an epoch's scalars (flaxdigits.writers' tags)."""
+  line = (f"epoch {scalars['epoch']:.0f}/{epochs}  loss {scalars['epoch/train_loss']:.4f}  "
+          f"acc {100 * scalars['epoch/train_accuracy']:.2f}%")
+  if "validation/accuracy" in scalars:
+    line += (f"  [bold]val acc {100 * scalars['validation/accuracy']:.2f}%[/]  "
+             f"val loss {scalars['validation/loss']:.4f}")
+  if "test/accuracy" in scalars:
+    line += (f"  [bold]test acc {100 * scalars['test/accuracy']:.2f}%[/]  "
+             f"test loss {scalars['test/loss']:.4f}")
+  return line + f"  {scalars['epoch/seconds']:.1f} s"
 
 
-class TrainingDisplay:
-  """Turns flaxdigits.training events into a Rich progress bar and a line per epoch."""
+class TrainingDisplay(MetricWriter):
+  """A writer (flaxdigits.writers) that shows training as a Rich progress bar and a line per
+  epoch. Notes (what a resume changed) are said even when quiet."""
 
   def __init__(self, console: Console, epochs: int, quiet: bool = False):
     self.console, self.epochs, self.quiet = console, epochs, quiet
     self._progress: RichProgress | None = None
     self._task = None
+    self._steps_per_epoch = 1
 
   def __enter__(self):
     if not self.quiet:
@@ -61,28 +66,33 @@ class TrainingDisplay:
     if self._progress is not None:
       self._progress.__exit__(*exc)
 
-  def __call__(self, event) -> None:
-    from flaxdigits import training  # pylint: disable=import-outside-toplevel
-    if isinstance(event, training.Started):
-      for note in event.notes:  # what a resume changed is said even in quiet mode
-        self.console.print(message("note", "yellow", note), soft_wrap=True)
+  def write_hparams(self, hparams: Mapping[str, Any]) -> None:
+    self._steps_per_epoch = hparams["steps_per_epoch"]
     if self.quiet:
       return
-    if isinstance(event, training.Started):
-      self.console.print(
-          f"CNN with {event.num_params:,} parameters on {event.num_devices} device(s); "
-          f"{event.steps_per_epoch} steps/epoch, step {event.start_step} of {event.total_steps}")
-      self._task = self._progress.add_task("train", total=event.total_steps,
-                                           completed=event.start_step, epoch=1 +
-                                           event.start_step // event.steps_per_epoch,
-                                           loss=0.0, acc=0.0, rate="-")
-    elif isinstance(event, training.Progress):
-      self._progress.update(self._task, completed=event.step, epoch=event.epoch, loss=event.loss,
-                            acc=event.accuracy, rate="-" if event.images_per_sec is None
-                            else f"{event.images_per_sec:,.0f}")
-    elif isinstance(event, training.EpochEnd):
-      self._progress.update(self._task, completed=event.record["step"])
-      self.console.print(format_epoch(event.record, self.epochs))
+    start = hparams["start_step"]
+    self.console.print(
+        f"CNN with {hparams['num_params']:,} parameters on {hparams['num_devices']} device(s); "
+        f"{self._steps_per_epoch} steps/epoch, step {start} of {hparams['total_steps']}")
+    self._task = self._progress.add_task("train", total=hparams["total_steps"], completed=start,
+                                         epoch=1 + start // self._steps_per_epoch,
+                                         loss=0.0, acc=0.0, rate="-")
+
+  def write_texts(self, step: int, texts: Mapping[str, str]) -> None:
+    for text in texts.values():
+      self.console.print(message("note", "yellow", text), soft_wrap=True)
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    if self.quiet or self._task is None:
+      return
+    if periodic(scalars):
+      rate = scalars.get("train/images_per_second")
+      self._progress.update(self._task, completed=step, epoch=1 + step // self._steps_per_epoch,
+                            loss=scalars["train/loss"], acc=scalars["train/accuracy"],
+                            rate="-" if rate is None else f"{rate:,.0f}")
+    else:
+      self._progress.update(self._task, completed=step)
+      self.console.print(format_epoch(scalars, self.epochs))
 
 
 @contextlib.contextmanager

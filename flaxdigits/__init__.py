@@ -38,10 +38,11 @@ _EXPORTS = {
     "make_mesh": "flaxdigits.parallel",
     "TrainState": "flaxdigits.training",
     "TrainResult": "flaxdigits.training",
-    "Started": "flaxdigits.training",
-    "Progress": "flaxdigits.training",
-    "EpochEnd": "flaxdigits.training",
     "train": "flaxdigits.training",
+    "MetricWriter": "flaxdigits.writers",
+    "MultiWriter": "flaxdigits.writers",
+    "InMemoryWriter": "flaxdigits.writers",
+    "TensorBoardWriter": "flaxdigits.writers",
     "EvalResult": "flaxdigits.evaluation",
     "cross_entropy": "flaxdigits.evaluation",
     "evaluate": "flaxdigits.evaluation",
@@ -91,4 +92,6 @@ if TYPE_CHECKING:
   from flaxdigits.predict import Prediction, Predictor  # noqa: F401
   from flaxdigits.preprocess import NoDigitFound, to_mnist  # noqa: F401
   from flaxdigits.serve import create_app  # noqa: F401
-  from flaxdigits.training import (EpochEnd, Progress, Started, TrainResult, TrainState, train)  # noqa: F401
+  from flaxdigits.training import TrainResult, TrainState, train  # noqa: F401
+  from flaxdigits.writers import (InMemoryWriter, MetricWriter, MultiWriter,  # noqa: F401
+                                  TensorBoardWriter)

@@ -1,6 +1,7 @@
 """Image transforms: the deterministic ones shared by training's random augmentation and by
 test-time augmentation (whole-pixel shifts, rotate/scale/shift warps about the image centre), and
-training's random augmentation itself (shifts, affine warps, stroke-width jitter)."""
+training's random augmentation itself (shifts, affine warps, stroke-width jitter, and
+augment_batch: the recipe's combination of them)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from flaxdigits.config import TrainConfig
 
 
 def shift_image(images_BxHxWxC: jax.Array, dy: int, dx: int) -> jax.Array:
@@ -40,6 +43,24 @@ def rotate(images_BxHxWxC: jax.Array, angle: float, scale: float = 1.0) -> jax.A
   b = images_BxHxWxC.shape[0]
   return affine_warp(images_BxHxWxC, jnp.full((b,), angle, jnp.float32),
                      jnp.full((b,), scale, jnp.float32), jnp.zeros((b, 2), jnp.float32))
+
+
+def augment_batch(config: TrainConfig, key: jax.Array, step: jax.Array,
+                  images_BxHxWxC: jax.Array) -> jax.Array:
+  """Training's random augmentation of one step's batch, as the recipe asks: an affine warp
+  (or whole-pixel shifts when it asks no rotation or scaling), then stroke-width jitter. The
+  randomness is a function of (key, step) alone, so a resumed run draws what it would have."""
+  images = images_BxHxWxC
+  step_key = jax.random.fold_in(jax.random.fold_in(key, 1), step)
+  if config.max_rotation or config.max_scale:
+    images = random_affine(step_key, images, config.max_shift, config.max_rotation,
+                           config.max_scale)
+  elif config.max_shift:
+    images = random_shift(step_key, images, config.max_shift)
+  if config.stroke_jitter:
+    stroke_key = jax.random.fold_in(jax.random.fold_in(key, 2), step)
+    images = random_stroke(stroke_key, images, config.stroke_jitter)
+  return images
 
 
 def random_shift(key: jax.Array, images_BxHxWxC: jax.Array, max_shift: int) -> jax.Array:

@@ -9,7 +9,7 @@ import math
 import signal
 import threading
 import time
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -20,11 +20,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flaxdigits import calibration as calibration_lib
 from flaxdigits import distributed, outliers, parallel
-from flaxdigits.augment import random_affine, random_shift, random_stroke
+from flaxdigits.augment import augment_batch
 from flaxdigits.config import ModelConfig, TrainConfig
 from flaxdigits.data import Split, hold_out, normalize
 from flaxdigits.evaluation import EvalResult, cross_entropy, evaluate
 from flaxdigits.model import CNN, build_model, count_params
+from flaxdigits.writers import EPOCH_TAGS, MetricWriter
 
 PyTree = Any
 
@@ -43,45 +44,6 @@ class TrainState:
   def variables(self) -> tuple[PyTree, PyTree]:
     """The model's whole state, for nnx.merge(graphdef, *state.variables())."""
     return self.params, self.batch_stats
-
-
-# ----------------------------------------------------------------------------- events
-
-
-@dataclasses.dataclass(frozen=True)
-class Started:
-  start_step: int
-  total_steps: int
-  steps_per_epoch: int
-  num_params: int
-  num_devices: int
-  # What a resume changed or skipped, one sentence each: an extended schedule, damaged steps.
-  notes: tuple[str, ...] = ()
-
-
-@dataclasses.dataclass(frozen=True)
-class Progress:
-  step: int
-  epoch: int  # 1-based
-  loss: float  # running mean over the epoch so far
-  accuracy: float
-  images_per_sec: float | None  # None until measurable (the first chunk carries compilation)
-
-
-@dataclasses.dataclass(frozen=True)
-class EpochEnd:
-  # One row of the history: epoch, step, losses, accuracies, train_seconds (the epoch's steps,
-  # compilation included) and seconds (train_seconds plus evaluation).
-  record: dict[str, float]
-
-
-Event = Started | Progress | EpochEnd
-
-
-class Callback(Protocol):
-  """Receives training events; the CLI renders them, library code never prints."""
-
-  def __call__(self, event: Event) -> None: ...
 
 
 @dataclasses.dataclass
@@ -121,20 +83,6 @@ def outlier_batch_size(config: TrainConfig, num_devices: int) -> int:
   return max(1, -(-config.batch_size // 4 // num_devices)) * num_devices
 
 
-def _augment(config: TrainConfig, key: jax.Array, step: jax.Array,
-             images: jax.Array) -> jax.Array:
-  step_key = jax.random.fold_in(jax.random.fold_in(key, 1), step)
-  if config.max_rotation or config.max_scale:
-    images = random_affine(step_key, images, config.max_shift, config.max_rotation,
-                           config.max_scale)
-  elif config.max_shift:
-    images = random_shift(step_key, images, config.max_shift)
-  if config.stroke_jitter:
-    stroke_key = jax.random.fold_in(jax.random.fold_in(key, 2), step)
-    images = random_stroke(stroke_key, images, config.stroke_jitter)
-  return images
-
-
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config: TrainConfig,
                batch_sharding: jax.sharding.Sharding, state: TrainState,
                images_uint8_BxHxW: jax.Array, labels_B: jax.Array,
@@ -149,12 +97,12 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, config:
   """
   num_digits = labels_B.shape[0]
   sharded = lambda x: jax.lax.with_sharding_constraint(x, batch_sharding)
-  images = _augment(config, state.key, state.step, sharded(normalize(images_uint8_BxHxW)))
+  images = augment_batch(config, state.key, state.step, sharded(normalize(images_uint8_BxHxW)))
   if num_outliers:
     pick_key = jax.random.fold_in(jax.random.fold_in(state.key, 4), state.step)
     picked = outliers_uint8_PxHxW[jax.random.randint(pick_key, (num_outliers,), 0,
                                                      outliers_uint8_PxHxW.shape[0])]
-    others = _augment(config, jax.random.fold_in(state.key, 5), state.step,
+    others = augment_batch(config, jax.random.fold_in(state.key, 5), state.step,
                       sharded(normalize(picked)))
     images = sharded(jnp.concatenate([images, others]))
 
@@ -286,7 +234,7 @@ def init_state(model: CNN, tx: optax.GradientTransformation, seed: int) -> Train
 
 def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
           train_config: TrainConfig = TrainConfig(), *, checkpoint_dir: str | None = None,
-          resume: bool = False, callback: Callback | None = None, mesh: Mesh | None = None,
+          resume: bool = False, writer: MetricWriter | None = None, mesh: Mesh | None = None,
           stop_at_step: int | None = None, evaluate_each_epoch: bool = True) -> TrainResult:
   """Trains the CNN on data["train"], scoring data["test"] after each epoch.
 
@@ -295,6 +243,9 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
   threshold are fitted on them (flaxdigits.calibration) and saved with the checkpoint, and
   data["test"] is scored once, after the last epoch. With train_config.outlier_exposure > 0 the
   model also learns from synthetic non-digits (flaxdigits.outliers).
+
+  Progress and metrics go to `writer` (flaxdigits.writers: the CLI's display, TensorBoard, or
+  several at once); the library never prints.
 
   With checkpoint_dir, saves (state, configs, history) after every epoch, on Ctrl-C or SIGTERM
   (then raises KeyboardInterrupt) and at the end; every save first checks that the parameters are
@@ -313,7 +264,8 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
     OSError: a save failed (disk full, say); the checkpoints already there are kept.
   """
   from flaxdigits import checkpoint  # pylint: disable=import-outside-toplevel
-  callback = callback or (lambda event: None)
+  from flaxdigits.writers import InMemoryWriter  # pylint: disable=import-outside-toplevel
+  writer = writer or InMemoryWriter()
   if stop_at_step is not None and stop_at_step < 0:
     raise ValueError(f"stop_at_step must be >= 0, got {stop_at_step}")
   if resume and checkpoint_dir is None:
@@ -391,8 +343,14 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
     start_step = int(state.step)
     end_step = total_steps if stop_at_step is None else min(total_steps, stop_at_step)
     interrupted = cleanup.enter_context(_deferred_interrupt())
-    callback(Started(start_step, total_steps, steps_per_epoch, count_params(model), mesh.size,
-                     notes))
+    schedule = learning_rate_schedule(train_config, steps_per_epoch)
+    writer.write_hparams({"num_params": count_params(model), "num_devices": mesh.size,
+                          "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
+                          "start_step": start_step,
+                          **{f"model.{k}": v for k, v in dataclasses.asdict(model_config).items()},
+                          **{f"train.{k}": v for k, v in dataclasses.asdict(train_config).items()}})
+    for note in notes:
+      writer.write_texts(start_step, {"note": note})
     test_result = None
     compiled = False  # the process's first chunk carries compilation: rates start after it
     pending = None
@@ -404,6 +362,9 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
           perm = np.asarray(jax.device_get(perm))
         first = max(start_step, epoch * steps_per_epoch) - epoch * steps_per_epoch
         last = min(end_step - epoch * steps_per_epoch, steps_per_epoch)
+        # The epoch's learning rates, computed now, while nothing is in flight.
+        rates = np.asarray(jax.vmap(schedule)(np.arange(epoch * steps_per_epoch,
+                                                        (epoch + 1) * steps_per_epoch + 1)))
         t_epoch = time.perf_counter()
         sums = {"loss_sum": 0.0, "correct": 0, "count": 0}
         pending, t_rate, rate_images = None, (t_epoch if compiled else None), 0
@@ -417,9 +378,12 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
               t_rate, compiled = now, True
             else:
               rate_images += k * train_config.batch_size
-            callback(Progress(epoch * steps_per_epoch + start, epoch + 1,
-                              sums["loss_sum"] / sums["count"], sums["correct"] / sums["count"],
-                              rate_images / (now - t_rate) if rate_images else None))
+            running = {"train/loss": sums["loss_sum"] / sums["count"],
+                       "train/accuracy": sums["correct"] / sums["count"],
+                       "train/learning_rate": float(rates[start - 1])}  # the last step's
+            if rate_images:
+              running["train/images_per_second"] = rate_images / (now - t_rate)
+            writer.write_scalars(epoch * steps_per_epoch + start, running)
           pending = metrics
           if stop if multi else interrupted.is_set():  # all processes stop after this chunk
             raise KeyboardInterrupt
@@ -450,7 +414,9 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
           record |= {"test_loss": test_result.loss, "test_accuracy": test_result.accuracy}
         record["seconds"] = time.perf_counter() - t_epoch
         history.append(record)
-        callback(EpochEnd(record))
+        writer.write_scalars(record["step"], {EPOCH_TAGS[k]: v for k, v in record.items()
+                                              if k in EPOCH_TAGS})
+        writer.flush()
         save(state)
         # Ctrl-C during evaluation or the save, on any process.
         if stop or distributed.any_process(interrupted.is_set()):

@@ -58,9 +58,9 @@ def main() -> None:
       start = time.perf_counter()
       # The CLI's progress bar, rendered to a terminal-like buffer, costs what it costs there.
       console = Console(file=io.StringIO(), force_terminal=True, width=100)
-      with TrainingDisplay(console, epochs=1, quiet=not display) as callback:
+      with TrainingDisplay(console, epochs=1, quiet=not display) as writer:
         result = train(data, ModelConfig(), config, mesh=mesh, stop_at_step=steps,
-                       callback=callback)
+                       writer=writer)
       jax.block_until_ready(result.state.params)
       return time.perf_counter() - start
     return run

@@ -84,6 +84,7 @@ def _child_flaxdigits(args, preset_name: str) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   from flaxdigits import data as data_lib, training as train_lib  # pylint: disable=import-outside-toplevel
   from flaxdigits.config import preset  # pylint: disable=import-outside-toplevel
+  from flaxdigits.writers import InMemoryWriter  # pylint: disable=import-outside-toplevel
 
   cache_dir = tempfile.mkdtemp(prefix="flaxdigits-bench-xla-")  # empty: a cold CLI's first run
   jax.config.update("jax_compilation_cache_dir", cache_dir)
@@ -97,15 +98,16 @@ def _child_flaxdigits(args, preset_name: str) -> dict:
   train_config = dataclasses.replace(train_config, validation=0)
   epochs = []
 
-  def callback(event):
-    if isinstance(event, train_lib.EpochEnd):
-      epochs.append({"train_seconds": event.record["train_seconds"],
-                     "accuracy": event.record["test_accuracy"]})
-      if len(epochs) == 1:
-        epochs[0]["compile_seconds"] = timer.take()
+  class EpochTimes(InMemoryWriter):  # the first epoch's time includes compilation
+    def write_scalars(self, step, scalars):
+      if "epoch/train_seconds" in scalars:
+        epochs.append({"train_seconds": scalars["epoch/train_seconds"],
+                       "accuracy": scalars["test/accuracy"]})
+        if len(epochs) == 1:
+          epochs[0]["compile_seconds"] = timer.take()
 
   timer.take()
-  result = train_lib.train(data, model_config, train_config, callback=callback)
+  result = train_lib.train(data, model_config, train_config, writer=EpochTimes())
   images_per_epoch = (len(data["train"]) // train_config.batch_size) * train_config.batch_size
   # The same training again, compiled from the persistent cache the first run filled.
   jax.clear_caches()

@@ -26,6 +26,7 @@ from flaxdigits.config import ModelConfig, TrainConfig
 from flaxdigits.predict import Predictor
 from flaxdigits.preprocess import to_mnist
 from flaxdigits.training import train
+from flaxdigits.writers import InMemoryWriter
 
 pytestmark = pytest.mark.fault
 runner = CliRunner()
@@ -194,11 +195,10 @@ def test_garbled_meta_names_the_file(ckpt):
 
 def test_resume_continues_from_the_newest_good_step_and_keeps_the_damaged_one(ckpt, small):
   DAMAGE["params data garbled"](ckpt / "24")
-  events = []
-  result = train(small, TINY, RECIPE, checkpoint_dir=str(ckpt), resume=True,
-                 callback=events.append)
+  writer = InMemoryWriter()
+  result = train(small, TINY, RECIPE, checkpoint_dir=str(ckpt), resume=True, writer=writer)
   assert int(result.state.step) == 24 and [h["epoch"] for h in result.history] == [1, 2, 3]
-  assert any("resumed from step 16" in note for note in events[0].notes)
+  assert any("resumed from step 16" in t["note"] for _, t in writer.texts)
   [aside] = ckpt.glob("24.damaged-*")  # kept for a look, out of Orbax's sight
   assert load_model(ckpt)[1]["step"] == 24 and load_model(ckpt)[1]["damaged"] == []
   # Orbax's trainer state is verified too: garbled optimizer moments are damage, not "lower --lr".

@@ -3,13 +3,26 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flaxdigits import augment, training as train_lib
+from flaxdigits import training as train_lib
 from flaxdigits.checkpoint import CheckpointManager, load_model
 from flaxdigits.config import ModelConfig, TrainConfig
 from flaxdigits.data import Split
 from flaxdigits.parallel import make_mesh
+from flaxdigits.writers import InMemoryWriter, periodic
 
 TINY = ModelConfig(conv_features=(8,), dense_features=(32,))
+
+
+class OnScalars(InMemoryWriter):
+  """Calls `act(step, scalars)` on every write_scalars, as a user's writer might."""
+
+  def __init__(self, act):
+    super().__init__()
+    self.act = act
+
+  def write_scalars(self, step, scalars):
+    super().write_scalars(step, scalars)
+    self.act(step, scalars)
 
 
 def tiny_train(data, mesh=None, **kwargs):
@@ -20,11 +33,11 @@ def tiny_train(data, mesh=None, **kwargs):
   checkpoint_dir = kwargs.pop("checkpoint_dir", None)
   resume = kwargs.pop("resume", False)
   stop_at_step = kwargs.pop("stop_at_step", None)
-  callback = kwargs.pop("callback", None)
+  writer = kwargs.pop("writer", None)
   model = kwargs.pop("model", TINY)
   config = TrainConfig(**(options | kwargs))
   return train_lib.train(data, model, config, mesh=mesh, checkpoint_dir=checkpoint_dir,
-                         resume=resume, stop_at_step=stop_at_step, callback=callback)
+                         resume=resume, stop_at_step=stop_at_step, writer=writer)
 
 
 def leaves(tree):
@@ -37,14 +50,14 @@ def assert_trees_equal(a, b):
 
 
 def test_pinned_first_step_loss(small):
-  events = []
+  writer = InMemoryWriter()
   result = tiny_train(small, epochs=1, steps_per_dispatch=1, mesh=make_mesh(jax.devices()[:1]),
-                      callback=events.append)
-  first = next(e for e in events if isinstance(e, train_lib.Progress))
+                      writer=writer)
+  step, first = writer.scalars[0]
   # Mean loss of the first 64-image step of this seed/config: pinned to catch silent changes to
   # initialisation, preprocessing, shuffling or the loss.
-  assert first.step == 1
-  assert first.loss == pytest.approx(2.31214, abs=5e-4)  # 2.29912 before the affine warp
+  assert step == 1
+  assert first["train/loss"] == pytest.approx(2.31214, abs=5e-4)  # 2.29912 before the affine warp
   assert result.history[0]["step"] == 8
 
 
@@ -127,11 +140,11 @@ def test_batch_norm_statistics_span_the_global_batch_across_devices(small):
 
 
 def test_ctrl_c_saves_a_checkpoint_that_resumes_exactly(small, tmp_path):
-  def interrupt(event):
-    if isinstance(event, train_lib.Progress) and event.step >= 10:
+  def interrupt(step, scalars):
+    if step >= 10:
       raise KeyboardInterrupt
   with pytest.raises(KeyboardInterrupt):
-    tiny_train(small, checkpoint_dir=tmp_path, callback=interrupt)
+    tiny_train(small, checkpoint_dir=tmp_path, writer=OnScalars(interrupt))
   saved = CheckpointManager(tmp_path).latest_step()
   assert saved is not None and 10 <= saved < 16
   resumed = tiny_train(small, checkpoint_dir=tmp_path, resume=True)
@@ -183,39 +196,6 @@ def test_batch_must_split_evenly_across_devices(small):
     tiny_train(small, batch_size=30, mesh=make_mesh())
 
 
-def test_random_shift_moves_each_image_within_bounds():
-  images = np.zeros((16, 28, 28, 1), np.float32)
-  images[:, 14, 14, 0] = 1.0
-  shifted = np.asarray(augment.random_shift(jax.random.PRNGKey(0), images, 2))
-  assert shifted.shape == images.shape and np.allclose(shifted.sum((1, 2, 3)), 1.0)
-  rows = np.nonzero(shifted[..., 0].reshape(16, -1))[1] // 28 - 14
-  assert np.all(np.abs(rows) <= 2) and len(set(rows.tolist())) > 1
-
-
-def test_random_stroke_thickens_thins_or_keeps():
-  images = np.zeros((64, 28, 28, 1), np.float32)
-  images[:, 10:18, 13:15, 0] = 1.0  # a 2-px-wide bar
-  out = np.asarray(augment.random_stroke(jax.random.PRNGKey(0), images, 0.5))
-  ink = out.sum((1, 2, 3))
-  assert set(np.unique(ink).tolist()) <= {7.0, 16.0, 27.0}  # thinned, unchanged, thickened
-  assert (ink == 16.0).sum() > 16 and (ink == 7.0).sum() > 4 and (ink == 27.0).sum() > 4
-  np.testing.assert_array_equal(augment.random_stroke(jax.random.PRNGKey(0), images, 0.0),
-                                images)
-
-
-def test_random_stroke_windows_are_2x2_same_max_and_min():
-  # Ink on every border row and column: where the window hangs over the edge.
-  images = jax.random.uniform(jax.random.PRNGKey(3), (4, 28, 28, 1))
-  window = ((1, 2, 2, 1), (1, 1, 1, 1), "SAME")
-  want_thick = jax.lax.reduce_window(images, -np.inf, jax.lax.max, *window)
-  want_thin = jax.lax.reduce_window(images, np.inf, jax.lax.min, *window)
-  # With probability 1, each image is thickened (its draw < 0.5) or else thinned.
-  draws = np.asarray(jax.random.uniform(jax.random.PRNGKey(0), (4,)))[:, None, None, None]
-  assert 0 < (draws < 0.5).sum() < 4
-  np.testing.assert_array_equal(augment.random_stroke(jax.random.PRNGKey(0), images, 1.0),
-                                np.where(draws < 0.5, want_thick, want_thin))
-
-
 def test_training_on_cpu_compiles_convolutions_with_xlas_own_kernels():
   options = train_lib.training_compiler_options(make_mesh())
   assert options == {"xla_cpu_experimental_ynn_fusion_type": ""}
@@ -233,25 +213,6 @@ def test_training_on_cpu_compiles_convolutions_with_xlas_own_kernels():
     pytest.skip("this XLA does not hand convolutions to YNNPACK by default")
 
 
-def test_random_affine_is_identity_at_zero_and_keeps_ink_otherwise():
-  rng = np.random.default_rng(0)
-  images = np.zeros((32, 28, 28, 1), np.float32)
-  images[:, 8:20, 12:16, 0] = rng.uniform(0.5, 1.0, (32, 12, 4))
-  same = augment.random_affine(jax.random.PRNGKey(0), images, 0, 0.0, 0.0)
-  np.testing.assert_allclose(same, images, atol=1e-6)
-  moved = np.asarray(augment.random_affine(jax.random.PRNGKey(1), images, 2, 0.15, 0.1))
-  assert moved.shape == images.shape and not np.allclose(moved, images)
-  # Rotation and a scale of 1 +- 0.1 keep the ink's mass within the scale's square, and the
-  # bar's centre within the shift and the rotation's reach of where it was.
-  ratio = moved.sum((1, 2, 3)) / images.sum((1, 2, 3))
-  assert np.all((ratio > 0.75) & (ratio < 1.3))
-  ys, xs = np.mgrid[0:28, 0:28]
-  cy = (moved[..., 0] * ys).sum((1, 2)) / moved[..., 0].sum((1, 2))
-  cx = (moved[..., 0] * xs).sum((1, 2)) / moved[..., 0].sum((1, 2))
-  assert np.all(np.abs(cy - 13.5) <= 3) and np.all(np.abs(cx - 13.5) <= 3)
-  assert np.std(cy) > 0.3  # each image gets its own transform
-
-
 def test_a_ctrl_c_never_saves_non_finite_parameters(small, tmp_path, monkeypatch):
   # The interrupt was raised before the pending chunk's loss was checked, so a diverging run
   # could save NaN weights as "latest". Here the loss turns NaN from step 8 on, and Ctrl-C
@@ -262,13 +223,15 @@ def test_a_ctrl_c_never_saves_non_finite_parameters(small, tmp_path, monkeypatch
   good, _ = load_model(tmp_path)
   real = train_lib.cross_entropy
 
-  def ctrl_c_once(event, sent=[]):
-    if isinstance(event, train_lib.Started) and not sent:
-      sent.append(os.kill(os.getpid(), signal.SIGINT))
+  class CtrlCOnce(InMemoryWriter):  # Ctrl-C as training starts
+    def write_hparams(self, hparams):
+      if not self.hparams:
+        os.kill(os.getpid(), signal.SIGINT)
+      super().write_hparams(hparams)
 
   monkeypatch.setattr(train_lib, "cross_entropy", lambda *a: real(*a) * np.nan)
   with pytest.raises(FloatingPointError, match="non-finite"):
-    tiny_train(small, epochs=2, checkpoint_dir=tmp_path, resume=True, callback=ctrl_c_once)
+    tiny_train(small, epochs=2, checkpoint_dir=tmp_path, resume=True, writer=CtrlCOnce())
   assert CheckpointManager(tmp_path).latest_step() == 8
   assert_trees_equal(jax.tree.leaves(good), jax.tree.leaves(load_model(tmp_path)[0]))
 
@@ -278,25 +241,24 @@ def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(small, tmp_
   import signal
   presses = []
 
-  def ctrl_c_twice(event):
-    if isinstance(event, train_lib.EpochEnd) and event.record["epoch"] == 1:
+  def ctrl_c_twice(step, scalars):
+    if scalars.get("epoch") == 1:
       presses.append(os.kill(os.getpid(), signal.SIGINT))  # sets the flag
       presses.append(os.kill(os.getpid(), signal.SIGINT))  # raises here, before the save
 
   with pytest.raises(KeyboardInterrupt):
-    tiny_train(small, epochs=3, checkpoint_dir=tmp_path, callback=ctrl_c_twice)
-  assert len(presses) == 1  # the second press interrupted the callback itself
+    tiny_train(small, epochs=3, checkpoint_dir=tmp_path, writer=OnScalars(ctrl_c_twice))
+  assert len(presses) == 1  # the second press interrupted the writer itself
   assert CheckpointManager(tmp_path, read_only=True).latest_step() is None  # nothing half-saved
   # and the handler is gone again: a press now is a plain KeyboardInterrupt
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_stop_at_step_zero_trains_nothing(small, tmp_path):
-  events = []
-  result = tiny_train(small, epochs=1, checkpoint_dir=tmp_path, stop_at_step=0,
-                      callback=events.append)
+  writer = InMemoryWriter()
+  result = tiny_train(small, epochs=1, checkpoint_dir=tmp_path, stop_at_step=0, writer=writer)
   assert int(result.state.step) == 0 and result.history == []
-  assert not [e for e in events if isinstance(e, train_lib.Progress)]
+  assert writer.scalars == []
   with pytest.raises(ValueError, match="stop_at_step must be >= 0"):
     tiny_train(small, epochs=1, stop_at_step=-1)
 
@@ -308,9 +270,10 @@ def test_a_batch_as_large_as_the_data_trains(small):
 
 
 def test_progress_rate_is_never_a_false_zero(small):
-  events = []
-  tiny_train(small, epochs=2, steps_per_dispatch=1, callback=events.append)
-  rates = [(e.epoch, e.images_per_sec) for e in events if isinstance(e, train_lib.Progress)]
+  writer = InMemoryWriter()
+  tiny_train(small, epochs=2, steps_per_dispatch=1, writer=writer)
+  rates = [(step // 8 + 1, scalars.get("train/images_per_second"))
+           for step, scalars in writer.scalars if periodic(scalars)]
   first_of = {epoch: rate for epoch, rate in reversed(rates)}
   assert first_of[1] is None  # the first chunk carries compilation: no rate yet
   assert first_of[2] > 0  # later epochs have one from their first update
@@ -333,12 +296,11 @@ def test_resume_keeps_the_schedule_and_extends_only_a_finished_run(small, tmp_pa
     resume_configs(tmp_path, epochs=1)
   plan = resume_configs(tmp_path, epochs=4)
   assert plan.train_config.cycle_start == 2 and "epochs 3-4 get a learning-rate cycle" in plan.note
-  events = []
-  extended = tiny_train(small, epochs=4, checkpoint_dir=tmp_path, resume=True,
-                        callback=events.append)
+  writer = InMemoryWriter()
+  extended = tiny_train(small, epochs=4, checkpoint_dir=tmp_path, resume=True, writer=writer)
   assert [h["epoch"] for h in extended.history] == [1, 2, 3, 4]
   assert int(extended.state.step) == 32
-  assert any("learning-rate cycle" in n for n in events[0].notes)
+  assert any("learning-rate cycle" in t["note"] for _, t in writer.texts)
   # The added epochs' cycle starts at its warm-up value, not mid-way down a 4-epoch cosine.
   config = plan.train_config
   assert _learning_rate(config, 8, 16) == pytest.approx(config.learning_rate / 25, rel=0.05)
