@@ -34,7 +34,7 @@ def test_every_script_has_a_smoke_test():
   tested = {"bench_cold.py", "bench_eval.py", "bench_hostile.py", "bench_predict.py",
             "bench_preprocess.py", "bench_startup.py", "bench_train.py", "benchmark.py",
             "check_export.py", "compare_ood.py", "compare_tta.py", "load_test.py",
-            "make_realistic_set.py", "make_doc_figures.py",
+            "make_realistic_set.py", "make_doc_figures.py", "sweep.py",
             "flax_example_loop.py", "bench_multihost.py", "gpu_check.py"}  # a module benchmark.py and bench_train.py run
   assert {p.name for p in SCRIPTS.glob("*.py") if not p.name.startswith("_")} == tested
 
@@ -108,9 +108,23 @@ def test_check_export(tiny_checkpoint, tiny_data_dir, tmp_path):
   assert "onnx" in out and "tflite" in out
 
 
-def test_compare_tta(tiny_checkpoint, tiny_data_dir):
-  assert "%" in run("compare_tta.py", "--checkpoint", tiny_checkpoint, "--data-dir",
-                    tiny_data_dir)
+def test_sweep_compares_settings_on_held_out_images(tiny_data_dir):
+  out = run("sweep.py", "--preset", "fast", "--data-dir", tiny_data_dir, "--train-subset", 400,
+            "--set", "validation=100", "--set", "epochs=1", "--set", "batch_size=64",
+            "--set", "outlier_exposure=0", "--grid", "learning_rate=1e-3,1e-2",
+            "--grid", "conv_features=8/16", "--seeds", 0, 1)
+  table = out.split("best first")[1]
+  assert "{'learning_rate': 0.001, 'conv_features': (8, 16)}" in table
+  assert "{'learning_rate': 0.01, 'conv_features': (8, 16)}" in table
+  assert out.count("seed 0: held-out") == out.count("seed 1: held-out") == 2  # 2 settings
+  assert "100 held-out images" in out
+
+
+def test_compare_tta_chooses_on_held_out_images(tiny_checkpoint, tiny_data_dir):
+  out = run("compare_tta.py", "--checkpoint", tiny_checkpoint, tiny_checkpoint, "--data-dir",
+            tiny_data_dir)
+  assert "64 held-out images x 2 checkpoint(s)" in out  # the checkpoint's --validation 64
+  assert out.count("best on held-out images") == 1 and "digits eval --tta" in out
 
 
 @pytest.mark.parametrize("kind", ["pad", "photo"])
