@@ -34,7 +34,7 @@ def test_every_script_has_a_smoke_test():
   tested = {"bench_cold.py", "bench_eval.py", "bench_hostile.py", "bench_predict.py",
             "bench_preprocess.py", "bench_startup.py", "bench_train.py", "benchmark.py",
             "check_export.py", "compare_ood.py", "compare_tta.py", "load_test.py",
-            "make_realistic_set.py", "make_doc_figures.py", "sweep.py",
+            "make_realistic_set.py", "make_doc_figures.py", "sweep.py", "bench_speedrun.py",
             "flax_example_loop.py", "bench_multihost.py", "gpu_check.py"}  # a module benchmark.py and bench_train.py run
   assert {p.name for p in SCRIPTS.glob("*.py") if not p.name.startswith("_")} == tested
 
@@ -106,6 +106,18 @@ def test_check_export(tiny_checkpoint, tiny_data_dir, tmp_path):
   out = run("check_export.py", "--checkpoint", tiny_checkpoint, "--data-dir", tiny_data_dir,
             "--out", tmp_path / "exports")
   assert "onnx" in out and "tflite" in out
+
+
+def test_bench_speedrun_splits_each_process_into_stages(tiny_data_dir):
+  out = run("bench_speedrun.py", "--data-dir", tiny_data_dir, "--contenders",
+            "fast,flax-example", "--flax-example-epochs", 1, "--train-args",
+            "--epochs 1 --batch-size 64 --validation 64")
+  rows = {line.split(" | ")[0]: line.split(" | ") for line in out.splitlines() if " | " in line}
+  assert set(rows) == {"contender", "fast", "flax-example"}
+  for name in ("fast", "flax-example"):
+    wall, *stages = map(float, rows[name][1:9])
+    assert abs(sum(stages) - wall) < 0.2 and stages[0] > 0 and stages[2] > 0  # imports, compile
+    assert rows[name][-1].endswith("%)")
 
 
 def test_sweep_compares_settings_on_held_out_images(tiny_data_dir):

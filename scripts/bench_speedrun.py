@@ -1,0 +1,184 @@
+"""Whole cold `digits train` processes side by side, with where each one's time goes.
+
+  python scripts/bench_speedrun.py --data-dir ../shared/data/mnist \\
+      [--contenders speedrun,fast,default,flax-example] [--seeds 0 1 2 3 4] [--warm]
+
+Every run is a fresh process started the way a user starts `digits train --preset NAME`, with
+an empty compilation cache (with --warm, each is run again on the cache it filled). Runs go
+round-robin over the contenders, seed by seed, so that drifts in the machine's speed hit all
+alike. Each process's time is split into stages, measured inside it:
+  imports     from the process's start to the end of importing the CLI, JAX, Flax, Orbax
+  data        reading MNIST (and rendering or reading the synthetic non-digits)
+  compile     JAX's tracing, lowering and XLA compilation, wherever they happen
+  steps       the training loop itself: the setup, the steps, the host's waiting for them
+  evaluation  scoring the held-out and test images (compilation excluded)
+  save        checkpoints and inference bundles
+  other       the rest: the process's exit, printing
+The flax-example contender is the Flax MNIST example's model and loop
+(scripts/flax_example_loop.py) for --flax-example-epochs epochs over all 60,000 images, scored on
+the test set at the end. Prints one table with the median over seeds of each stage, wall time,
+peak memory and test accuracy (mean, std and worst over seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+STAGES = ("imports", "data", "compile", "steps", "evaluation", "save", "other")
+
+# Runs in the child: times its stages (exclusive of what nests inside them), then either runs
+# `digits train` itself or the Flax example's loop. Writes its stages as JSON to argv[1].
+CHILD = r"""
+import collections, json, sys, time
+t0 = float(sys.argv[2])
+out_path, mode, args = sys.argv[1], sys.argv[3], sys.argv[4:]
+spent = collections.defaultdict(float)
+stack = [["imports", time.time()]]
+
+def enter(stage):
+  now = time.time()
+  spent[stack[-1][0]] += now - stack[-1][1]
+  stack.append([stage, now])
+
+def leave():
+  now = time.time()
+  stage, since = stack.pop()
+  spent[stage] += now - since
+  stack[-1][1] = now
+
+def on_event(event, duration, **kwargs):
+  if event in ("/jax/core/compile/jaxpr_trace_duration",
+               "/jax/core/compile/jaxpr_to_mlir_module_duration",
+               "/jax/core/compile/backend_compile_duration"):
+    spent["compile"] += duration
+    spent[stack[-1][0]] -= duration  # it happened inside the current stage
+
+def timed(owner, name, stage):
+  inner = getattr(owner, name)
+  def wrapper(*a, **k):
+    enter(stage)
+    try:
+      return inner(*a, **k)
+    finally:
+      leave()
+  setattr(owner, name, wrapper)
+
+stack[0][1] = t0
+import jax, jax.monitoring
+jax.monitoring.register_event_duration_secs_listener(on_event)
+from flaxdigits import data, training, checkpoint, evaluation
+result = {}
+if mode == "digits":
+  import flaxdigits.cli.main as cli
+  enter("steps")  # the CLI's own setup counts with the loop's
+  timed(data, "load_mnist", "data")
+  timed(training, "prepare_outliers", "data")
+  timed(training, "evaluate", "evaluation")
+  timed(checkpoint.CheckpointManager, "save", "save")
+  sys.argv = ["digits", "train", *args]
+  try:
+    cli.main()
+  except SystemExit as e:
+    if e.code:
+      raise
+else:
+  sys.path.insert(0, mode)
+  from flax_example_loop import FlaxExampleLoop
+  enter("data")
+  mnist = data.load_mnist(args[0])
+  leave()
+  enter("steps")
+  loop = FlaxExampleLoop(seed=int(args[2]))
+  for _ in range(int(args[1])):
+    loop.train(mnist["train"].images, mnist["train"].labels)
+  leave()
+  enter("evaluation")
+  result["test_accuracy"] = loop.evaluate(mnist["test"].images, mnist["test"].labels)
+  leave()
+leave_time = time.time()
+spent[stack[-1][0]] += leave_time - stack[-1][1]
+result["stages"] = dict(spent)
+import resource
+result["peak_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+json.dump(result, open(out_path, "w"))
+"""
+
+
+def run_one(contender: str, seed: int, args, cache_dir: str) -> dict:
+  with tempfile.TemporaryDirectory(prefix="flaxdigits-speedrun-") as work:
+    stages_path = os.path.join(work, "stages.json")
+    env = dict(os.environ, FLAXDIGITS_CACHE_DIR=cache_dir)
+    if contender == "flax-example":
+      tail = [str(HERE), args.data_dir, str(args.flax_example_epochs), str(seed)]
+    else:
+      tail = ["digits", "--preset", contender, "--seed", str(seed), "--data-dir", args.data_dir,
+              "--checkpoint", os.path.join(work, "ckpt"), "--json", *args.train_args.split()]
+    start = time.time()
+    child = subprocess.Popen([sys.executable, "-c", CHILD, stages_path, repr(start), *tail],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+                             cwd=work, text=True)
+    stdout, stderr = child.communicate(timeout=args.timeout)
+    wall = time.time() - start
+    if child.returncode != 0:
+      raise SystemExit(f"{contender} seed {seed} failed:\n{stderr[-3000:]}")
+    result = json.load(open(stages_path))
+    if contender != "flax-example":
+      result["test_accuracy"] = json.loads(stdout)["test"]["accuracy"]
+    stages = result["stages"]
+    stages["other"] = wall - sum(stages.values())
+    return {"wall": wall, "stages": stages, "test_accuracy": result["test_accuracy"],
+            "peak_mb": result["peak_mb"]}
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--data-dir", default=os.environ.get("FLAXDIGITS_DATA_DIR"), required=False)
+  parser.add_argument("--contenders", default="speedrun,fast,default,flax-example")
+  parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+  parser.add_argument("--flax-example-epochs", type=int, default=2)
+  parser.add_argument("--warm", action="store_true",
+                      help="also run each again on the compilation cache it filled")
+  parser.add_argument("--train-args", default="",
+                      help="more `digits train` options for every preset (smoke tests)")
+  parser.add_argument("--timeout", type=float, default=1800)
+  args = parser.parse_args()
+  if not args.data_dir:
+    parser.error("--data-dir (or FLAXDIGITS_DATA_DIR) is needed")
+  contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+  runs: dict[str, list[dict]] = {}
+  with tempfile.TemporaryDirectory(prefix="flaxdigits-speedrun-caches-") as caches:
+    for seed in args.seeds:
+      for contender in contenders:
+        cache = os.path.join(caches, f"{contender}-{seed}")  # empty: a cold first run
+        passes = [("cold", cache)] + [("warm", cache)] * args.warm
+        for kind, cache_dir in passes:
+          run = run_one(contender, seed, args, cache_dir)
+          runs.setdefault(f"{contender} ({kind})" if args.warm else contender, []).append(run)
+          print(f"{contender} seed {seed} {kind}: {run['wall']:.1f} s, test "
+                f"{100 * run['test_accuracy']:.2f}%, "
+                + ", ".join(f"{s} {run['stages'].get(s, 0):.1f}" for s in STAGES), flush=True)
+  print()
+  header = ["contender", "wall s", *STAGES, "peak MB", "test acc: mean ± std (worst)"]
+  print(" | ".join(header))
+  for name, done in runs.items():
+    median = lambda values: statistics.median(values)  # noqa: E731
+    accuracy = [100 * r["test_accuracy"] for r in done]
+    spread = f" ± {statistics.stdev(accuracy):.2f}" if len(done) > 1 else ""
+    peak = [r["peak_mb"] for r in done]
+    print(" | ".join([name, f"{median([r['wall'] for r in done]):.1f}",
+                      *(f"{median([r['stages'].get(s, 0.0) for r in done]):.1f}" for s in STAGES),
+                      f"{max(peak):.0f}",
+                      f"{statistics.mean(accuracy):.2f}%{spread} ({min(accuracy):.2f}%)"]))
+
+
+if __name__ == "__main__":
+  main()
