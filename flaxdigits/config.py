@@ -126,10 +126,12 @@ def _from_dict(cls, d: dict[str, Any]):
 PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "default": (ModelConfig(), TrainConfig()),
     # The shortest path to 99% measured here: a narrow CNN (conv 16/32, dense 128, a quarter of
-    # the default's FLOPs), batch 256, a peak LR of 1e-2, whole-pixel shifts of up to 1, no
-    # other jitter. Two steps per dispatch: that program compiles ~1 s sooner than four steps'.
+    # the default's FLOPs), batch 256, whole-pixel shifts of up to 1, no other jitter. The peak
+    # LR, 4e-2, was chosen on held-out images (scripts/sweep.py over 5e-3 to 8e-2 and shifts of
+    # 0 or 1, seeds 0 and 1: 99.22% held out, against 99.01% at the previous 1e-2). Two steps
+    # per dispatch: that program compiles ~1 s sooner than four steps'.
     "fast": (ModelConfig(conv_features=(16, 32), dense_features=(128,)),
-             TrainConfig(epochs=2, batch_size=256, learning_rate=1e-2, max_shift=1,
+             TrainConfig(epochs=2, batch_size=256, learning_rate=4e-2, max_shift=1,
                          max_rotation=0.0, max_scale=0.0, stroke_jitter=0.0,
                          steps_per_dispatch=2)),
     # Accuracy first: a third conv block (conv 32/64/128, max pooling), batch normalisation

@@ -23,15 +23,27 @@ def main() -> None:
   parser.add_argument("--data-dir", required=True)
   parser.add_argument("--set", default="realistic")
   parser.add_argument("--show-errors", action="store_true")
+  parser.add_argument("--clean", choices=("test", "validation"), default="test",
+                      help="the clean images to compare with: the test set (to report), or the "
+                           "checkpoint's held-out training images (to choose settings on, with "
+                           "a set made by make_realistic_set.py --split validation)")
   args = parser.parse_args()
   from flaxdigits.checkpoint import load_model
-  from flaxdigits.data import load_mnist
+  from flaxdigits.config import TrainConfig
+  from flaxdigits.data import hold_out, load_mnist
   from flaxdigits.evaluation import evaluate
   from flaxdigits.predict import Predictor, expand_paths
-  model, _ = load_model(args.checkpoint)
-  clean = evaluate(model, load_mnist(args.data_dir, ("test",))["test"]).accuracy
+  model, meta = load_model(args.checkpoint)
+  if args.clean == "test":
+    images = load_mnist(args.data_dir, ("test",))["test"]
+  else:
+    held = TrainConfig.from_dict(meta["train"]).validation
+    if not held:
+      parser.error("the checkpoint held out no training images (--validation 0)")
+    images = hold_out(load_mnist(args.data_dir, ("train",))["train"], held)[1]
+  clean = evaluate(model, images).accuracy
   predictor = Predictor.from_checkpoint(args.checkpoint)
-  print(f"clean MNIST test accuracy: {100 * clean:.2f}%")
+  print(f"clean MNIST {args.clean} accuracy: {100 * clean:.2f}%")
   total = correct = kept_total = kept_correct = 0
   for kind in sorted(p.name for p in Path(args.set).iterdir() if p.is_dir()):
     paths = expand_paths([str(Path(args.set) / kind)])

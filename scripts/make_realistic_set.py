@@ -1,6 +1,7 @@
 """Builds a realistic digit test set from MNIST *test* digits, the way real inputs arrive.
 
-(--split train renders training digits instead: a set to choose preprocessing settings on.)
+(--split train renders training digits instead: a set to choose preprocessing settings on;
+--split validation the held-out training digits, to choose training settings on.)
 
   python scripts/make_realistic_set.py --data-dir ../shared/data/mnist --out realistic
 
@@ -149,12 +150,18 @@ def main() -> None:
   parser.add_argument("--per-kind", type=int, default=2000)
   parser.add_argument("--phone", type=int, default=500, help="phone photos (2-4 MB each)")
   parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument("--split", choices=("test", "train"), default="test",
-                      help="the MNIST digits to render: test (to report on) or train (to choose "
-                           "preprocessing settings on, never looking at test)")
+  parser.add_argument("--split", choices=("test", "train", "validation"), default="test",
+                      help="the MNIST digits to render: test (to report on), train (to choose "
+                           "preprocessing settings on, never looking at test) or validation "
+                           "(the training images `digits train` holds out by default, which no "
+                           "such model has seen: to choose training settings on)")
   args = parser.parse_args()
-  from flaxdigits.data import load_mnist
-  test = load_mnist(args.data_dir, (args.split,))[args.split]
+  from flaxdigits.config import TrainConfig
+  from flaxdigits.data import hold_out, load_mnist
+  split = "train" if args.split == "validation" else args.split
+  test = load_mnist(args.data_dir, (split,))[split]
+  if args.split == "validation":
+    test = hold_out(test, TrainConfig().validation)[1]
   rng = np.random.default_rng(args.seed)
   for kind in KINDS:
     count = args.phone if kind == "phone" else args.per_kind

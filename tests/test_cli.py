@@ -183,7 +183,7 @@ def test_preset_sets_the_recipe_and_options_override_it(tiny_data_dir, tmp_path)
   meta = CheckpointManager(ckpt, read_only=True).read_meta()
   assert meta["model"]["conv_features"] == [16, 32] and meta["model"]["dense_features"] == [128]
   assert meta["train"]["batch_size"] == 64 and meta["train"]["epochs"] == 1  # given: kept
-  assert meta["train"]["learning_rate"] == 1e-2 and meta["train"]["max_shift"] == 1  # preset
+  assert meta["train"]["learning_rate"] == 4e-2 and meta["train"]["max_shift"] == 1  # preset
   resumed = runner.invoke(app, ["train", "--resume", "--preset", "fast", "--data-dir",
                                 str(tiny_data_dir), "--checkpoint", str(ckpt)])
   assert resumed.exit_code == 1 and "drop --preset" in resumed.stderr

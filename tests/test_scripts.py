@@ -74,7 +74,10 @@ def test_make_realistic_set_and_bench_predict(tiny_checkpoint, tiny_data_dir, tm
   assert max(Image.open(phone).size) >= 3000
   out = run("bench_predict.py", "--checkpoint", tiny_checkpoint, "--data-dir", tiny_data_dir,
             "--set", tmp_path / "set")
-  assert "overall" in out.lower()
+  assert "overall" in out.lower() and "clean MNIST test accuracy" in out
+  out = run("bench_predict.py", "--checkpoint", tiny_checkpoint, "--data-dir", tiny_data_dir,
+            "--set", tmp_path / "set", "--clean", "validation")  # its 64 held-out images
+  assert "clean MNIST validation accuracy" in out and "overall" in out
   out = run("compare_ood.py", "--checkpoint", tiny_checkpoint, "--data-dir", tiny_data_dir,
             "--outliers", 12, "--noise", 20, "--realistic", tmp_path / "set", "--json")
   figures = json.loads(out.splitlines()[-1])
