@@ -325,8 +325,8 @@ def eval_(
         "(confusion heatmap, misclassified images, training curves) into this folder.",
         show_default=False)] = None,
     tta: Annotated[bool, typer.Option(
-        help="Test-time augmentation: average each image's probabilities over itself, its "
-        "four one-pixel shifts and its rotations by +-0.1 rad (7x the work).")] = False,
+        help="Test-time augmentation: average each image's probabilities over itself and its "
+        "four one-pixel shifts (5x the work).")] = False,
     json_out: Json = False,
     cpu_devices: CpuDevices = 0,
 ):

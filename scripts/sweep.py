@@ -90,7 +90,8 @@ def main() -> None:
             f"loss {runs[-1][1]:.4f}, {runs[-1][2]:.1f} s", flush=True)
     results.append((settings, runs))
 
-  print(f"\npreset {args.preset}, fixed {fixed or '-'}, seeds {args.seeds}, "
+  print(f"\npreset {args.preset}, fixed {({k: v[0] for k, v in fixed.items()}) or '-'}, "
+        f"seeds {args.seeds}, "
         f"{train_config.validation:,} held-out images; best first")
   print(f"{'settings':50s} {'held-out acc':>13s} {'loss':>8s} {'train s':>8s}")
   for settings, runs in sorted(results, key=lambda r: -statistics.mean(a for a, _, _ in r[1])):
