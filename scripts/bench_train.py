@@ -24,6 +24,9 @@ def main() -> None:
   parser.add_argument("--short", type=int, default=20, help="steps in the short stretch")
   parser.add_argument("--long", type=int, default=180, help="steps in the long stretch")
   parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--only", action="append", default=[], metavar="TEXT",
+                      help="run only the contenders whose name contains TEXT (repeatable; the "
+                           "Flax example's loop, the baseline, always runs)")
   args = parser.parse_args()
 
   from flaxdigits import parallel
@@ -77,6 +80,9 @@ def main() -> None:
              "+ Rich progress bar"] = flaxdigits(jax.devices(), default_k, display=True)
   contenders[f"flaxdigits, {len(jax.devices())} device(s), {default_k} step(s)/dispatch, "
              "no outlier exposure"] = flaxdigits(jax.devices(), default_k, outlier_exposure=0.0)
+  if args.only:
+    contenders = {name: run for i, (name, run) in enumerate(contenders.items())
+                  if i == 0 or any(text in name for text in args.only)}
   print(f"jax {jax.__version__}, {jax.devices()[0].platform}, {len(jax.devices())} device(s), "
         f"{os.cpu_count()} cores; batch {batch}; steps {args.short}->{args.long}; "
         f"median of {args.repeats}", flush=True)

@@ -93,8 +93,9 @@ def test_make_doc_figures(tiny_data_dir, tmp_path):
 
 
 def test_bench_train(tiny_data_dir):
-  assert "img/s" in run("bench_train.py", "--data-dir", tiny_data_dir, "--short", 2, "--long", 4,
-                        "--repeats", 1)
+  out = run("bench_train.py", "--data-dir", tiny_data_dir, "--short", 2, "--long", 4,
+            "--repeats", 1, "--only", "(default)")  # the baseline and one contender: a smoke test
+  assert out.count("img/s") == 2 and "(default)" in out and "speed-up of" in out
 
 
 def test_benchmark(tiny_data_dir, tmp_path):
@@ -119,7 +120,7 @@ def test_bench_speedrun_splits_each_process_into_stages(tiny_data_dir):
   assert set(rows) == {"contender", "fast", "flax-example"}
   for name in ("fast", "flax-example"):
     wall, *stages = map(float, rows[name][1:9])
-    assert abs(sum(stages) - wall) < 0.2 and stages[0] > 0 and stages[2] > 0  # imports, compile
+    assert abs(sum(stages) - wall) < 0.5 and stages[0] > 0 and stages[2] > 0  # 8 roundings
     assert rows[name][-1].endswith("%)")
 
 
