@@ -1,11 +1,12 @@
 """Image transforms: the deterministic ones shared by training's random augmentation and by
 test-time augmentation (whole-pixel shifts, rotate/scale/shift warps about the image centre), and
-training's random augmentation itself (shifts, affine warps, stroke-width jitter, and
-augment_batch: the recipe's combination of them)."""
+training's random augmentation itself (shifts, affine warps, elastic distortion, stroke-width
+jitter, and augment_batch: the recipe's combination of them)."""
 
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -21,21 +22,47 @@ def shift_image(images_BxHxWxC: jax.Array, dy: int, dx: int) -> jax.Array:
 
 
 def affine_warp(images_BxHxWxC: jax.Array, angle_B: jax.Array, scale_B: jax.Array,
-                shift_Bx2: jax.Array) -> jax.Array:
+                shift_Bx2: jax.Array, displacement_Bx2xHxW: jax.Array | None = None) -> jax.Array:
   """Rotates each image by angle radians, scales it by scale and moves it by shift (pixels down,
-  right), about its centre, with bilinear sampling (grayscale: one channel; zeros outside)."""
-  _, h, w, _ = images_BxHxWxC.shape
+  right), about its centre, with bilinear sampling (grayscale: one channel; zeros outside).
+
+  With displacement_Bx2xHxW, each output pixel also samples that many pixels (down, right)
+  further: an elastic distortion on top of the affine warp, in the same sampling pass.
+  """
+  b, h, w, _ = images_BxHxWxC.shape
   centre = (h - 1) / 2
   yy_HxW, xx_HxW = jnp.mgrid[0:h, 0:w].astype(jnp.float32) - centre
+  if displacement_Bx2xHxW is None:
+    displacement_Bx2xHxW = jnp.zeros((b, 2, 1, 1), jnp.float32)
 
-  def warp(image_HxWxC, angle, scale, shift_2):
+  def warp(image_HxWxC, angle, scale, shift_2, displacement_2xHxW):
     cos, sin = jnp.cos(angle) / scale, jnp.sin(angle) / scale
-    source_y = cos * yy_HxW - sin * xx_HxW + centre - shift_2[0]
-    source_x = sin * yy_HxW + cos * xx_HxW + centre - shift_2[1]
+    source_y = cos * yy_HxW - sin * xx_HxW + centre - shift_2[0] + displacement_2xHxW[0]
+    source_x = sin * yy_HxW + cos * xx_HxW + centre - shift_2[1] + displacement_2xHxW[1]
     return jax.scipy.ndimage.map_coordinates(image_HxWxC[..., 0], [source_y, source_x], order=1,
                                              mode="constant")[..., None]
 
-  return jax.vmap(warp)(images_BxHxWxC, angle_B, scale_B, shift_Bx2)
+  return jax.vmap(warp)(images_BxHxWxC, angle_B, scale_B, shift_Bx2, displacement_Bx2xHxW)
+
+
+# The smoothing of elastic distortion's random fields (Simard et al., 2003, used sigma = 4 px on
+# MNIST): fields this smooth bend strokes without tearing them.
+ELASTIC_SIGMA = 4.0
+
+
+def elastic_displacement(key: jax.Array, shape_BxHxW: tuple[int, int, int], alpha: float,
+                         sigma: float = ELASTIC_SIGMA) -> jax.Array:
+  """Random displacement fields (B, 2, H, W) in pixels: uniform noise in [-1, 1], smoothed by a
+  Gaussian of sigma pixels (zeros beyond the edge), times alpha (Simard et al., 2003)."""
+  b, h, w = shape_BxHxW
+  radius = int(math.ceil(3 * sigma))
+  taps = jnp.exp(-0.5 * (jnp.arange(-radius, radius + 1, dtype=jnp.float32) / sigma) ** 2)
+  taps = taps / taps.sum()
+  noise = jax.random.uniform(key, (2 * b, 1, h, w), minval=-1.0, maxval=1.0)
+  smooth = functools.partial(jax.lax.conv_general_dilated, window_strides=(1, 1),
+                             padding="SAME", dimension_numbers=("NCHW", "OIHW", "NCHW"))
+  fields = smooth(smooth(noise, taps.reshape(1, 1, -1, 1)), taps.reshape(1, 1, 1, -1))
+  return alpha * fields.reshape(b, 2, h, w)
 
 
 def rotate(images_BxHxWxC: jax.Array, angle: float, scale: float = 1.0) -> jax.Array:
@@ -52,9 +79,9 @@ def augment_batch(config: TrainConfig, key: jax.Array, step: jax.Array,
   randomness is a function of (key, step) alone, so a resumed run draws what it would have."""
   images = images_BxHxWxC
   step_key = jax.random.fold_in(jax.random.fold_in(key, 1), step)
-  if config.max_rotation or config.max_scale:
+  if config.max_rotation or config.max_scale or config.elastic:
     images = random_affine(step_key, images, config.max_shift, config.max_rotation,
-                           config.max_scale)
+                           config.max_scale, config.elastic)
   elif config.max_shift:
     images = random_shift(step_key, images, config.max_shift)
   if config.stroke_jitter:
@@ -73,15 +100,20 @@ def random_shift(key: jax.Array, images_BxHxWxC: jax.Array, max_shift: int) -> j
 
 
 def random_affine(key: jax.Array, images_BxHxWxC: jax.Array, max_shift: float,
-                  max_rotation: float, max_scale: float) -> jax.Array:
+                  max_rotation: float, max_scale: float, elastic: float = 0.0) -> jax.Array:
   """Rotates (up to max_rotation radians), scales (by 1 +- max_scale) and shifts (up to
-  max_shift pixels) each image about its centre, independently, with bilinear sampling."""
-  b = images_BxHxWxC.shape[0]
+  max_shift pixels) each image about its centre, independently, with bilinear sampling; with
+  elastic > 0, also bends it by an elastic distortion of that strength (elastic_displacement's
+  alpha)."""
+  b, h, w, _ = images_BxHxWxC.shape
   k_angle, k_scale, k_shift = jax.random.split(key, 3)
   angle_B = jax.random.uniform(k_angle, (b,), minval=-max_rotation, maxval=max_rotation)
   scale_B = jax.random.uniform(k_scale, (b,), minval=1 - max_scale, maxval=1 + max_scale)
   shift_Bx2 = jax.random.uniform(k_shift, (b, 2), minval=-max_shift, maxval=max_shift)
-  return affine_warp(images_BxHxWxC, angle_B, scale_B, shift_Bx2)
+  displacement = None
+  if elastic:  # its own key: the affine draws stay what they were without it
+    displacement = elastic_displacement(jax.random.fold_in(key, 7), (b, h, w), elastic)
+  return affine_warp(images_BxHxWxC, angle_B, scale_B, shift_Bx2, displacement)
 
 
 def random_stroke(key: jax.Array, images_BxHxWxC: jax.Array, probability: float) -> jax.Array:

@@ -70,6 +70,9 @@ class TrainConfig:
   max_rotation: float = 0.15  # radians (about 8.6 degrees)
   max_scale: float = 0.1
   stroke_jitter: float = 0.5
+  # Elastic distortion's strength (augment.elastic_displacement's alpha, in pixels; smoothed at
+  # sigma = 4 px): 0 turns it off.
+  elastic: float = 0.0
   seed: int = 0
   steps_per_dispatch: int = 4
   eval_batch_size: int = EVAL_BATCH_SIZE
@@ -100,6 +103,8 @@ class TrainConfig:
     _check(0 <= self.max_scale < 0.5, f"max_scale must be in [0, 0.5), got {self.max_scale}")
     _check(0 <= self.stroke_jitter <= 1,
            f"stroke_jitter must be a probability in [0, 1], got {self.stroke_jitter}")
+    _check(0 <= self.elastic <= 100, f"elastic must be a strength in [0, 100] pixels, got "
+           f"{self.elastic}")
     _check(self.steps_per_dispatch >= 1, f"steps_per_dispatch must be >= 1, got {self.steps_per_dispatch}")
     _check(self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}")
     _check(self.validation >= 0, f"validation must be >= 0 images, got {self.validation}")

@@ -74,3 +74,36 @@ def test_augment_batch_follows_the_recipe_and_depends_on_key_and_step_only():
   shifted = np.asarray(augment.augment_batch(shifts, key, 3, images))
   assert set(np.unique(shifted)) <= {0.0, 1.0}  # whole-pixel moves: no interpolation
   assert (shifted.sum(axis=(1, 2, 3)) == 32).all()  # 8x4 blocks, never cut at the edge
+
+
+def test_elastic_displacement_is_smooth_random_and_scales_with_alpha():
+  key = jax.random.PRNGKey(0)
+  unit = np.asarray(augment.elastic_displacement(key, (16, 28, 28), 1.0))
+  assert unit.shape == (16, 2, 28, 28)
+  np.testing.assert_allclose(augment.elastic_displacement(key, (16, 28, 28), 34.0), 34 * unit,
+                             rtol=1e-5, atol=1e-6)
+  # Smoothed at sigma = 4 px: neighbours move nearly alike, far pixels independently, and the
+  # smoothed field is much weaker than its uniform noise (std 0.58).
+  inner = unit[..., 8:20, 8:20]
+  step = np.abs(np.diff(inner, axis=-1)).mean()
+  assert step < 0.2 * np.abs(inner).mean()
+  assert 0.005 < unit.std() < 0.1
+  assert not np.allclose(unit[0], unit[1])  # each image and each axis its own field
+  assert not np.allclose(unit[:, 0], unit[:, 1])
+
+
+def test_elastic_distortion_bends_strokes_and_keeps_the_affine_draws():
+  images = jnp.zeros((8, 28, 28, 1)).at[:, 6:22, 12:16, :].set(1.0)
+  key = jax.random.PRNGKey(3)
+  affine = np.asarray(augment.random_affine(key, images, 1, 0.1, 0.1))
+  bent = np.asarray(augment.random_affine(key, images, 1, 0.1, 0.1, elastic=34.0))
+  assert not np.allclose(bent, affine)
+  ratio = bent.sum((1, 2, 3)) / affine.sum((1, 2, 3))
+  # Bent: stretched here, squeezed there (the mass follows the local area), never erased.
+  assert np.all((ratio > 0.6) & (ratio < 1.8))
+  # Alone (no rotation or scale asked), it still runs, through the warp.
+  elastic_only = TrainConfig(max_shift=0, max_rotation=0.0, max_scale=0.0, stroke_jitter=0.0,
+                             elastic=20.0)
+  out = np.asarray(augment.augment_batch(elastic_only, key, 0, images))
+  assert not np.array_equal(out, np.asarray(images))
+  assert np.all(np.abs(out.sum((1, 2, 3)) / 64 - 1) < 0.2)
