@@ -342,7 +342,8 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
     start_step = int(state.step)
     end_step = total_steps if stop_at_step is None else min(total_steps, stop_at_step)
     interrupted = cleanup.enter_context(_deferred_interrupt())
-    schedule = learning_rate_schedule(train_config, steps_per_epoch)
+    # One program for the schedule's table: eagerly, each of its ops would compile its own.
+    schedule = jax.jit(jax.vmap(learning_rate_schedule(train_config, steps_per_epoch)))
     writer.write_hparams({"num_params": count_params(model), "num_devices": mesh.size,
                           "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
                           "start_step": start_step,
@@ -362,8 +363,8 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
         first = max(start_step, epoch * steps_per_epoch) - epoch * steps_per_epoch
         last = min(end_step - epoch * steps_per_epoch, steps_per_epoch)
         # The epoch's learning rates, computed now, while nothing is in flight.
-        rates = np.asarray(jax.vmap(schedule)(np.arange(epoch * steps_per_epoch,
-                                                        (epoch + 1) * steps_per_epoch + 1)))
+        rates = np.asarray(schedule(np.arange(epoch * steps_per_epoch,
+                                              (epoch + 1) * steps_per_epoch + 1)))
         t_epoch = time.perf_counter()
         sums = {"loss_sum": 0.0, "correct": 0, "count": 0}
         pending, t_rate, rate_images = None, (t_epoch if compiled else None), 0
