@@ -42,7 +42,8 @@ def probabilities_fn(model: Any, temperature: float = 1.0) -> Callable[[jax.Arra
   return functools.partial(probabilities, model, temperature=temperature)
 
 
-def _temperature(meta: dict[str, Any]) -> float:
+def temperature(meta: dict[str, Any]) -> float:
+  """The temperature a checkpoint's probabilities are scaled by (1.0 if it has no calibration)."""
   return float((meta.get("calibration") or {}).get("temperature", 1.0))
 
 
@@ -67,7 +68,7 @@ def export(model: Any, meta: dict[str, Any], fmt: str, path: str | os.PathLike,
     if existing.exists() and not overwrite:
       raise ValueError(f"{existing} exists; pass overwrite=True (--force) to replace it")
   path.parent.mkdir(parents=True, exist_ok=True)
-  fn = probabilities_fn(model, _temperature(meta))
+  fn = probabilities_fn(model, temperature(meta))
   data = _to_onnx(fn) if fmt == "onnx" else _to_tflite(fn)
   # The runtime picks its loader by suffix: the temporary name keeps it.
   staged = path.with_name(f".{path.stem}.partial{path.suffix}")

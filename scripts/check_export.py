@@ -3,8 +3,8 @@
   python scripts/check_export.py --checkpoint ckpt --data-dir ../shared/data/mnist --out exports
 
 For each format: export time, file size, top-1 agreement with the JAX model and the largest
-absolute difference of probabilities over all 10,000 MNIST test images, and each runtime's
-accuracy.
+absolute difference of probabilities (calibrated, at the checkpoint's temperature, as the
+exports give them) over all 10,000 MNIST test images, and each runtime's accuracy.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ def main() -> None:
   model, meta = load_model(args.checkpoint)
   test = load_mnist(args.data_dir, ("test",))["test"]
   images = normalize(test.images)
-  fn = jax.jit(export.probabilities_fn(model))
+  # The exports carry the checkpoint's calibration: compare them with JAX at its temperature.
+  fn = jax.jit(export.probabilities_fn(model, export.temperature(meta)))
   batches = range(0, len(images), 1000)
   expected = np.concatenate([np.asarray(fn(images[i:i + 1000])) for i in batches])
   print(f"JAX model: accuracy {100 * np.mean(expected.argmax(-1) == test.labels):.2f}%")

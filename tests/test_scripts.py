@@ -4,6 +4,7 @@ README's main speed command once crashed with nothing noticing)."""
 
 import io
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -109,7 +110,12 @@ def test_check_export(tiny_checkpoint, tiny_data_dir, tmp_path):
   pytest.importorskip("jax2onnx", reason="needs the export extra")
   out = run("check_export.py", "--checkpoint", tiny_checkpoint, "--data-dir", tiny_data_dir,
             "--out", tmp_path / "exports")
-  assert "onnx" in out and "tflite" in out
+  # The tiny checkpoint is calibrated (a temperature far from 1): the runtimes must agree with
+  # JAX at that temperature, as the exports compute.
+  for fmt in ("onnx", "tflite"):
+    line = next(line for line in out.splitlines() if line.startswith(fmt))
+    assert "top-1 agreement 100.00%" in line
+    assert float(re.search(r"max \|dp\| (\S+);", line).group(1)) < 1e-4, line
 
 
 def test_bench_speedrun_splits_each_process_into_stages(tiny_data_dir):
