@@ -19,7 +19,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flaxdigits import calibration as calibration_lib
-from flaxdigits import distributed, outliers, parallel
+from flaxdigits import distributed, parallel
 from flaxdigits.augment import augment_batch
 from flaxdigits.config import ModelConfig, TrainConfig
 from flaxdigits.data import Split, hold_out, normalize
@@ -440,6 +440,7 @@ def _outlier_pool(train_split: Split, num_outliers: int,
   OUTLIER_POOL of them, or as many as there are training images if fewer."""
   if not num_outliers:
     return np.zeros((1, 28, 28), np.uint8)
+  from flaxdigits import outliers  # pylint: disable=import-outside-toplevel  # Pillow, SciPy
   return outliers.cached(min(OUTLIER_POOL, len(train_split)), outliers.TRAIN_SEED, train_split,
                          progress=progress)
 
@@ -456,6 +457,7 @@ def outliers_to_render(data: dict[str, Split], config: TrainConfig) -> int:
   are on disk from an earlier run, or without outlier exposure)."""
   if not config.outlier_exposure:
     return 0
+  from flaxdigits import outliers  # pylint: disable=import-outside-toplevel
   train_split, _ = _split(data, config)
   n = min(OUTLIER_POOL, len(train_split))
   return 0 if outliers.cache_path(n, outliers.TRAIN_SEED, train_split).is_file() else n

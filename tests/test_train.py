@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
@@ -314,3 +317,14 @@ def test_resume_on_other_data_is_refused(small, tmp_path):
   with pytest.raises(ValueError, match="trained on 512 training images, this data has 256"):
     tiny_train(fewer, epochs=2, checkpoint_dir=tmp_path, resume=True)
 
+
+
+def test_training_imports_the_outlier_renderer_only_when_it_needs_it():
+  # A cold `digits train` without outlier exposure (the speedrun) skips Pillow and SciPy.
+  code = ("import sys, flaxdigits.training\n"
+          "print([m for m in ('flaxdigits.outliers', 'scipy.ndimage', 'PIL.Image') "
+          "if m in sys.modules])\n")
+  result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120)
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.strip() == "[]"
