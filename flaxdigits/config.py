@@ -145,6 +145,15 @@ PRESETS: dict[str, tuple[ModelConfig, TrainConfig]] = {
     "best": (ModelConfig(conv_features=(32, 64, 128), dense_features=(256,), pool="max",
                          norm="batch"),
              TrainConfig(epochs=15)),
+    # 99% in one epoch, from a cold start: conv 12/24, dense 128 (about 60% of `fast`'s FLOPs),
+    # batch 128 (one epoch at 256 fell short), peak LR 4e-2, 1-pixel shifts, and no synthetic
+    # non-digits (a first run renders them for ~8 s; they add a quarter to every step). Chosen
+    # on held-out images (scripts/sweep.py, seeds 0 and 1: 99.10%, against 98.92% for `fast`'s
+    # CNN at batch 256 and 99.14% for it at 128, a third slower).
+    "speedrun": (ModelConfig(conv_features=(12, 24), dense_features=(128,)),
+                 TrainConfig(epochs=1, batch_size=128, learning_rate=4e-2, max_shift=1,
+                             max_rotation=0.0, max_scale=0.0, stroke_jitter=0.0,
+                             steps_per_dispatch=2, outlier_exposure=0.0)),
 }
 
 

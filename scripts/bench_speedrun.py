@@ -1,10 +1,12 @@
 """Whole cold `digits train` processes side by side, with where each one's time goes.
 
   python scripts/bench_speedrun.py --data-dir ../shared/data/mnist \\
-      [--contenders speedrun,fast,default,flax-example] [--seeds 0 1 2 3 4] [--warm]
+      [--contenders speedrun,fast,default,flax-example] [--seeds 0 1 2 3 4] \\
+      [--once fast,default,flax-example] [--warm [speedrun]]
 
 Every run is a fresh process started the way a user starts `digits train --preset NAME`, with
-an empty compilation cache (with --warm, each is run again on the cache it filled). Runs go
+an empty compilation cache (with --warm, each, or each listed, is run again on the cache it
+filled); --once runs the listed contenders on the first seed only. Runs go
 round-robin over the contenders, seed by seed, so that drifts in the machine's speed hit all
 alike. Each process's time is split into stages, measured inside it:
   imports     from the process's start to the end of importing the CLI, JAX, Flax, Orbax
@@ -144,9 +146,13 @@ def main() -> None:
   parser.add_argument("--data-dir", default=os.environ.get("FLAXDIGITS_DATA_DIR"), required=False)
   parser.add_argument("--contenders", default="speedrun,fast,default,flax-example")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+  parser.add_argument("--once", default="",
+                      help="contenders (comma-separated) run on the first seed only: the slow "
+                      "ones, beside a speedrun's five seeds")
   parser.add_argument("--flax-example-epochs", type=int, default=2)
-  parser.add_argument("--warm", action="store_true",
-                      help="also run each again on the compilation cache it filled")
+  parser.add_argument("--warm", nargs="?", const="all", default="",
+                      help="also run each contender (or those listed, comma-separated) again on "
+                      "the compilation cache it filled")
   parser.add_argument("--train-args", default="",
                       help="more `digits train` options for every preset (smoke tests)")
   parser.add_argument("--timeout", type=float, default=1800)
@@ -154,15 +160,21 @@ def main() -> None:
   if not args.data_dir:
     parser.error("--data-dir (or FLAXDIGITS_DATA_DIR) is needed")
   contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+  once = {c.strip() for c in args.once.split(",") if c.strip()}
+  warm = set(contenders) if args.warm == "all" else {
+      c.strip() for c in args.warm.split(",") if c.strip()}
   runs: dict[str, list[dict]] = {}
   with tempfile.TemporaryDirectory(prefix="flaxdigits-speedrun-caches-") as caches:
     for seed in args.seeds:
       for contender in contenders:
+        if contender in once and seed != args.seeds[0]:
+          continue
         cache = os.path.join(caches, f"{contender}-{seed}")  # empty: a cold first run
-        passes = [("cold", cache)] + [("warm", cache)] * args.warm
+        passes = [("cold", cache)] + [("warm", cache)] * (contender in warm)
         for kind, cache_dir in passes:
           run = run_one(contender, seed, args, cache_dir)
-          runs.setdefault(f"{contender} ({kind})" if args.warm else contender, []).append(run)
+          runs.setdefault(f"{contender} ({kind})" if contender in warm else contender,
+                          []).append(run)
           print(f"{contender} seed {seed} {kind}: {run['wall']:.1f} s, test "
                 f"{100 * run['test_accuracy']:.2f}%, "
                 + ", ".join(f"{s} {run['stages'].get(s, 0):.1f}" for s in STAGES), flush=True)

@@ -114,7 +114,7 @@ def test_help_does_not_import_jax():
 
 
 @pytest.mark.parametrize("command, default", [
-    ("train", "[default: 5; presets: fast 2, best 15]"), ("train", "[default: 128]"),
+    ("train", "[default: 5; presets: fast 2, best 15, speedrun 1]"), ("train", "[default: 128]"),
     ("serve", "[default: one per core]"), ("export", "[default: digits.onnx or digits.tflite]")])
 def test_help_shows_defaults_written_by_hand(command, default):
   # Rich read "[default: 128]" as a style tag and dropped it from the help.

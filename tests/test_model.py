@@ -155,10 +155,12 @@ def test_presets():
   assert recipe.epochs == 2 and model.conv_features == (16, 32)
   model, recipe = preset("best")
   assert recipe.epochs == 15 and model.conv_features == (32, 64, 128) and model.pool == "max"
-  with pytest.raises(ValueError,
-                     match="unknown preset 'fastest'; choose one of default, fast, best"):
+  model, recipe = preset("speedrun")
+  assert recipe.epochs == 1 and model.conv_features == (12, 24) and not recipe.outlier_exposure
+  with pytest.raises(ValueError, match="unknown preset 'fastest'; choose one of default, fast, "
+                     "best, speedrun"):
     preset("fastest")
-  assert set(PRESETS) == {"default", "fast", "best"}
+  assert set(PRESETS) == {"default", "fast", "best", "speedrun"}
 
 
 @pytest.mark.parametrize("kind, reference", [("avg", nnx.avg_pool), ("max", nnx.max_pool)])
