@@ -29,20 +29,21 @@ def affine_warp(images_BxHxWxC: jax.Array, angle_B: jax.Array, scale_B: jax.Arra
   With displacement_Bx2xHxW, each output pixel also samples that many pixels (down, right)
   further: an elastic distortion on top of the affine warp, in the same sampling pass.
   """
-  b, h, w, _ = images_BxHxWxC.shape
+  _, h, w, _ = images_BxHxWxC.shape
   centre = (h - 1) / 2
   yy_HxW, xx_HxW = jnp.mgrid[0:h, 0:w].astype(jnp.float32) - centre
-  if displacement_Bx2xHxW is None:
-    displacement_Bx2xHxW = jnp.zeros((b, 2, 1, 1), jnp.float32)
 
-  def warp(image_HxWxC, angle, scale, shift_2, displacement_2xHxW):
+  def warp(image_HxWxC, angle, scale, shift_2, displacement_2xHxW=None):
     cos, sin = jnp.cos(angle) / scale, jnp.sin(angle) / scale
-    source_y = cos * yy_HxW - sin * xx_HxW + centre - shift_2[0] + displacement_2xHxW[0]
-    source_x = sin * yy_HxW + cos * xx_HxW + centre - shift_2[1] + displacement_2xHxW[1]
+    source_y = cos * yy_HxW - sin * xx_HxW + centre - shift_2[0]
+    source_x = sin * yy_HxW + cos * xx_HxW + centre - shift_2[1]
+    if displacement_2xHxW is not None:  # without it, the program is the plain warp's
+      source_y, source_x = source_y + displacement_2xHxW[0], source_x + displacement_2xHxW[1]
     return jax.scipy.ndimage.map_coordinates(image_HxWxC[..., 0], [source_y, source_x], order=1,
                                              mode="constant")[..., None]
 
-  return jax.vmap(warp)(images_BxHxWxC, angle_B, scale_B, shift_Bx2, displacement_Bx2xHxW)
+  extra = () if displacement_Bx2xHxW is None else (displacement_Bx2xHxW,)
+  return jax.vmap(warp)(images_BxHxWxC, angle_B, scale_B, shift_Bx2, *extra)
 
 
 # The smoothing of elastic distortion's random fields (Simard et al., 2003, used sigma = 4 px on

@@ -159,10 +159,9 @@ def main() -> None:
   args = parser.parse_args()
   if not args.data_dir:
     parser.error("--data-dir (or FLAXDIGITS_DATA_DIR) is needed")
-  contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-  once = {c.strip() for c in args.once.split(",") if c.strip()}
-  warm = set(contenders) if args.warm == "all" else {
-      c.strip() for c in args.warm.split(",") if c.strip()}
+  names = lambda text: [c.strip() for c in text.split(",") if c.strip()]  # noqa: E731
+  contenders, once = names(args.contenders), set(names(args.once))
+  warm = set(contenders) if args.warm == "all" else set(names(args.warm))
   runs: dict[str, list[dict]] = {}
   with tempfile.TemporaryDirectory(prefix="flaxdigits-speedrun-caches-") as caches:
     for seed in args.seeds:
