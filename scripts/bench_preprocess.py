@@ -7,7 +7,7 @@ test digits by scripts/make_realistic_set.py's renderers:
   phone-12mp  12-megapixel phone photos (4000x3000 JPEGs, some with an EXIF rotation)
   wild        photos, scans and canvas exports of 100-600 px (the realistic set's six kinds)
   pad-280     the drawing pad's canvas: a 280x280 opaque PNG, black strokes on white
-  pad-160     the same, shrunk to the 160 px the page uploads
+  pad-112     the same, shrunk to the 112 px the page uploads
 
 Each round runs every checkout in a fresh process (alternating, so that drift hits all alike),
 which warms up on the inputs once and then times each input --repeats times, keeping its best.
@@ -31,7 +31,7 @@ HERE = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(HERE / "scripts"))
 import _checkout  # noqa: E402  (scripts/, just put on the path)
 
-KINDS = ("phone-12mp", "wild", "pad-280", "pad-160")
+KINDS = ("phone-12mp", "wild", "pad-280", "pad-112")
 
 
 def pad_png(ink28: np.ndarray, side: int = 280) -> bytes:
@@ -63,7 +63,7 @@ def make_inputs(images: np.ndarray, count: int, seed: int = 0) -> dict[str, list
     image.save(buffer, "JPEG" if ext == "jpg" else "PNG", quality=85)
     inputs["wild"].append(buffer.getvalue())
     inputs["pad-280"].append(pad_png(images[i]))
-    inputs["pad-160"].append(pad_png(images[i], 160))
+    inputs["pad-112"].append(pad_png(images[i], 112))
   return inputs
 
 

@@ -9,7 +9,7 @@ with one keep-alive connection, send --requests POST /api/predict in all (each a
 digit), each with a 30 s time-out, the whole run bounded by --max-seconds; a client answered 503
 waits the second its Retry-After asks before its next request. Kinds of request:
   pad    what the page sends while you draw: its 280x280 canvas (black on white) as a PNG of
-         --pad-side px (the page sends 160; it sent 280 before it shrank the drawing), in a
+         --pad-side px (the page sends 112; it sent 280, then 160, before), in a
          JSON data URL
   photo  a 112 px dark-on-light PNG as a multipart upload
 Prints requests/s, latency percentiles, the count of each status, accuracy, and the server's
@@ -52,7 +52,7 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
-def pad_request(digit_28x28: np.ndarray, side: int = 160) -> tuple[bytes, str]:
+def pad_request(digit_28x28: np.ndarray, side: int = 112) -> tuple[bytes, str]:
   """The page's request while drawing: its canvas as a PNG of `side` px in a JSON data URL."""
   url = "data:image/png;base64," + base64.b64encode(pad_png(digit_28x28, side)).decode()
   return json.dumps({"image": url}).encode(), "application/json"
@@ -200,7 +200,7 @@ def main() -> None:
   parser.add_argument("--checkpoint", default="ckpt")
   parser.add_argument("--data-dir", required=True)
   parser.add_argument("--kind", choices=("pad", "photo"), default="pad")
-  parser.add_argument("--pad-side", type=int, default=160)
+  parser.add_argument("--pad-side", type=int, default=112)
   parser.add_argument("--clients", type=int, default=20)
   parser.add_argument("--requests", type=int, default=2000)
   parser.add_argument("--max-seconds", type=float, default=300)

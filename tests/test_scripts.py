@@ -36,7 +36,8 @@ def test_every_script_has_a_smoke_test():
             "bench_preprocess.py", "bench_startup.py", "bench_train.py", "benchmark.py",
             "check_export.py", "compare_ood.py", "compare_tta.py", "load_test.py",
             "make_realistic_set.py", "make_doc_figures.py", "sweep.py", "bench_speedrun.py",
-            "flax_example_loop.py", "bench_multihost.py", "gpu_check.py"}  # a module benchmark.py and bench_train.py run
+            "flax_example_loop.py", "bench_multihost.py", "gpu_check.py",
+            "compare_pad_side.py"}  # a module benchmark.py and bench_train.py run
   assert {p.name for p in SCRIPTS.glob("*.py") if not p.name.startswith("_")} == tested
 
 
@@ -164,6 +165,14 @@ def test_bench_preprocess(tiny_data_dir):
   out = run("bench_preprocess.py", "--data-dir", tiny_data_dir, "--count", 1, "--rounds", 1,
             "--repeats", 1, "--against", SCRIPTS.parent)
   assert "median over rounds, this" in out and "median over rounds, against" in out
+
+
+def test_compare_pad_side_uses_held_out_digits(tiny_checkpoint, tiny_data_dir):
+  out = run("compare_pad_side.py", "--checkpoint", tiny_checkpoint, "--data-dir", tiny_data_dir,
+            "--sides", "160,112", "--count", 20, "--timing-count", 5, "--rounds", 1)
+  assert "20 held-out training digits" in out
+  assert re.search(r"side  112 px: \d+\.\d\d% correct", out)
+  assert re.search(r"side  160 px: to_mnist \d+\.\d\d ms", out)
 
 
 def test_checkout_runs_a_checkouts_own_cli():

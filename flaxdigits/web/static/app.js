@@ -13,9 +13,10 @@ const errorEl = document.getElementById("error");
 // thick as MNIST's own pen strokes.
 const STROKE = pad.width / 14;
 const LIVE_INTERVAL_MS = 200;
-// The server analyses every picture at 160 px on its long side (preprocess.WORK_SIDE), so the
-// drawing is sent at that size: a third of the pixels to encode, send and decode.
-const PAD_UPLOAD_SIDE = 160;
+// The drawing is sent at 112 px: a sixth of the canvas's pixels to encode, send and decode, and
+// a quarter less server time than 160 px, at the same accuracy on held-out digits drawn as the pad
+// draws them (scripts/compare_pad_side.py, docs/benchmarks.md).
+const PAD_UPLOAD_SIDE = 112;
 // Photos are shrunk to at most this long side before upload: a 20 MB phone photo becomes a few
 // hundred KB, well within the server's upload limit, and the digit keeps plenty of detail.
 const PHOTO_SIDE = 1024;
