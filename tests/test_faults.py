@@ -420,14 +420,16 @@ def no_internals(response) -> None:
   assert set(response.json()) <= {"error", "digit"}
 
 
-@pytest.fixture(scope="module")
-def guarded(predictor):
-  """The app under uvicorn with the protocol `digits serve` uses, with short limits."""
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def guarded(predictor, request):
+  """The app under uvicorn with the protocol `digits serve` uses (httptools; h11 where that is
+  not installed), with short limits."""
   from conftest import serving
   from flaxdigits.serve import create_app, guarded_http_protocol
   app_ = create_app(predictor, max_upload_bytes=200_000, timeout_s=1.0)
-  with serving(app_, http=guarded_http_protocol(header_timeout_s=0.5, max_connections=20),
-               timeout_keep_alive=1) as url:
+  protocol = guarded_http_protocol(header_timeout_s=0.5, max_connections=20,
+                                   parser=request.param)
+  with serving(app_, http=protocol, timeout_keep_alive=1) as url:
     yield url
 
 
@@ -482,6 +484,17 @@ def test_unfinished_headers_are_closed_and_the_app_keeps_answering(guarded):
   assert all(closed_within(sock, 3.0) for sock in idle)
   for sock in idle:
     sock.close()
+
+
+def test_pipelined_requests_are_all_answered(guarded):
+  sock = raw_connection(guarded)
+  sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+  replies, deadline = b"", time.monotonic() + 5
+  while replies.count(b"HTTP/1.1 200") < 3 and time.monotonic() < deadline:
+    replies += sock.recv(65536)
+  assert replies.count(b"HTTP/1.1 200") == 3
+  assert closed_within(sock, 3.0)  # then idle: closed
+  sock.close()
 
 
 def test_connections_beyond_the_cap_are_closed_at_once(guarded):
