@@ -14,8 +14,8 @@ waits the second its Retry-After asks before its next request. Kinds of request:
   photo  a 112 px dark-on-light PNG as a multipart upload
 Prints requests/s, latency percentiles, the count of each status, accuracy, and the server's
 resident memory (with its preprocessing processes) after the first 100 requests and at the end,
-and the CPU time per request of the server's own process and of the clients (all on the same
-cores). Warm-up requests are not counted.
+and the CPU time per request of the server's own process, of its preprocessing processes and of
+the clients (all on the same cores). Warm-up requests are not counted.
 With --against DIR (a checkout of another commit, sharing this environment), each round runs
 both servers one after the other, this one first. Exits 1 on any failure but 503s, or on 503s
 without --allow-busy.
@@ -69,8 +69,8 @@ def photo_request(digit_28x28: np.ndarray) -> tuple[bytes, str]:
   return body, f"multipart/form-data; boundary={boundary}"
 
 
-def rss_mb(pid: int) -> float:
-  """Resident memory of a process and every process below it (its preprocessing workers)."""
+def process_tree(pid: int) -> list[int]:
+  """A process and every process below it (the server's preprocessing workers)."""
   parents = {}
   for stat in Path("/proc").glob("[0-9]*/stat"):
     try:
@@ -81,8 +81,13 @@ def rss_mb(pid: int) -> float:
   while frontier:
     frontier = [child for child, parent in parents.items() if parent in frontier]
     tree += frontier
+  return tree
+
+
+def rss_mb(pid: int) -> float:
+  """Resident memory of a process and every process below it (its preprocessing workers)."""
   total = 0.0
-  for member in tree:
+  for member in process_tree(pid):
     try:
       for line in Path(f"/proc/{member}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -93,8 +98,11 @@ def rss_mb(pid: int) -> float:
 
 
 def cpu_seconds(pid: int) -> float:
-  """User + system CPU time of a process so far."""
-  fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+  """User + system CPU time of a process so far (0 once it is gone)."""
+  try:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+  except OSError:
+    return 0.0
   return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -178,7 +186,9 @@ def load(pid: int, port: int, args, requests, labels) -> dict:
     connection.close()
 
   threads = [threading.Thread(target=client) for _ in range(args.clients)]
+  workers = process_tree(pid)[1:]
   cpu_before, client_before = cpu_seconds(pid), time.process_time()
+  workers_before = sum(map(cpu_seconds, workers))
   began = time.perf_counter()
   for t in threads:
     t.start()
@@ -186,13 +196,15 @@ def load(pid: int, port: int, args, requests, labels) -> dict:
     t.join()
   wall = time.perf_counter() - began
   cpu, client_cpu = cpu_seconds(pid) - cpu_before, time.process_time() - client_before
+  workers_cpu = sum(map(cpu_seconds, workers)) - workers_before
   memory["at the end"] = rss_mb(pid)
   ms = np.percentile(np.array(latencies) * 1000, [50, 90, 99])
   return {"done": len(latencies), "wall": wall, "p50": ms[0], "p90": ms[1], "p99": ms[2],
           "max": 1000 * max(latencies), "statuses": dict(statuses), "correct": correct,
           "rejected": rejected,
           "memory": memory, "cpu_ms": 1000 * cpu / max(1, len(latencies)),
-          "client_cpu_ms": 1000 * client_cpu / max(1, len(latencies))}
+          "client_cpu_ms": 1000 * client_cpu / max(1, len(latencies)),
+          "workers_cpu_ms": 1000 * workers_cpu / max(1, len(latencies))}
 
 
 def main() -> None:
@@ -229,7 +241,8 @@ def main() -> None:
       print(f"round {round_ + 1} {name}: {r['done']} {kind} requests from {args.clients} "
             f"clients in {r['wall']:.1f} s: {r['done'] / r['wall']:.1f} requests/s; latency p50 "
             f"{r['p50']:.0f} ms, p90 {r['p90']:.0f} ms, p99 {r['p99']:.0f} ms, max "
-            f"{r['max']:.0f} ms; CPU per request: server process {r['cpu_ms']:.1f} ms, clients "
+            f"{r['max']:.0f} ms; CPU per request: server process {r['cpu_ms']:.1f} ms, preprocessing "
+            f"processes {r['workers_cpu_ms']:.1f} ms, clients "
             f"{r['client_cpu_ms']:.1f} ms; statuses {statuses}; "
             f"correct {r['correct']}/{r['done']} ({r['rejected']} not a digit); "
             f"server memory {memory}", flush=True)
