@@ -1,4 +1,4 @@
-"""What runs in `batching.Batcher`'s preprocessing processes besides `to_mnist`.
+"""What runs in `batching.Batcher`'s preprocessing processes.
 
 Kept apart from `batching` (which imports JAX, through `predict`) so that the processes import
 only the preprocessing's NumPy, SciPy and Pillow.
@@ -6,27 +6,43 @@ only the preprocessing's NumPy, SciPy and Pillow.
 
 from __future__ import annotations
 
-import multiprocessing
 import multiprocessing.connection
-import os
-import threading
+import pickle
 
 import numpy as np
 
 from flaxdigits.preprocess import MIN_SIDE, to_mnist
 
+# A failure's message is cut to this many characters, so that every answer stays one short write.
+MAX_MESSAGE = 500
 
-def exit_with_parent() -> None:
-  """The processes' initializer: ends the process as soon as the server's is gone, even if that
-  was killed and never shut its pool down."""
-  parent = multiprocessing.parent_process()
-  if parent is None:
-    return
 
-  def watch() -> None:
-    multiprocessing.connection.wait([parent.sentinel])
-    os._exit(0)  # pylint: disable=protected-access
-  threading.Thread(target=watch, daemon=True, name="flaxdigits-watch-parent").start()
+def serve(connection: multiprocessing.connection.Connection) -> None:
+  """A preprocessing process's life: warm up, then answer requests until the server is gone.
+
+  Each request is a pickled (preprocess or None for `to_mnist`, source); each answer a pickled
+  ("image", array), ("error", message) for what the caller answers as a refusal (ValueError:
+  not an image, no digit; FileNotFoundError), or ("failed", what) for anything else. The server
+  writes a request only to an idle process, so no request waits in the pipe. When the server's
+  end closes (it shut the pool, or it died, even by SIGKILL), the next read ends the process.
+  """
+  warm_up()
+  connection.send_bytes(pickle.dumps(("ready", None)))
+  while True:
+    try:
+      preprocess, source = pickle.loads(connection.recv_bytes())
+    except (EOFError, OSError):
+      return
+    try:
+      answer = ("image", (preprocess or to_mnist)(source))
+    except (ValueError, FileNotFoundError) as e:
+      answer = ("error", str(e)[:MAX_MESSAGE])
+    except Exception as e:  # pylint: disable=broad-except
+      answer = ("failed", type(e).__name__)
+    try:
+      connection.send_bytes(pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
+    except OSError:
+      return
 
 
 def warm_up() -> None:

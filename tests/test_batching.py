@@ -140,3 +140,63 @@ def test_preprocessing_errors_are_answers_and_model_errors_reach_every_request()
 def test_settings_are_checked(settings):
   with pytest.raises(ValueError, match="must be positive"):
     Batcher(fake_model(), **settings)
+
+
+# ----------------------------------------------------------------------------- processes
+# The preprocessing functions below run in the processes, so they live at module level (pickled by
+# name); they report to the test through a file.
+
+def slow_image(source):
+  """(log path, seconds, value) -> a 28x28 image of `value`, after noting the start and sleeping."""
+  log, seconds, value = source
+  with open(log, "a", encoding="utf-8") as f:
+    f.write(f"{value}\n")
+  time.sleep(seconds)
+  return np.full((28, 28), value, np.float32)
+
+
+def refuse_or_fail(source):
+  if source == "refuse":
+    raise ValueError("not an image Pillow can read")
+  raise ZeroDivisionError("a bug")
+
+
+def test_processes_answer_each_request_and_give_up_queued_work(tmp_path):
+  log = str(tmp_path / "started")
+  batcher = Batcher(fake_model(), processes=1, max_pending=8, preprocess=slow_image)
+  batcher.warm_up()  # the process is up before the first request
+
+  async def main():
+    answers = await asyncio.gather(*(batcher.predict((log, 0.0, v)) for v in (0.2, 0.4, 0.6)))
+    running = asyncio.create_task(batcher.predict((log, 0.6, 0.8)))
+    queued = [asyncio.create_task(batcher.predict((log, 0.0, v))) for v in (0.9, 0.95, 0.99)]
+    await asyncio.sleep(0.3)  # one runs in the only process, the next waits in its pipe,
+    for task in [running, *queued]:  # two wait here
+      task.cancel()
+    await asyncio.gather(running, *queued, return_exceptions=True)
+    pending_while_running = batcher.pending
+    await asyncio.sleep(0.8)  # the running one and the one in the pipe finish ...
+    pending_after = batcher.pending
+    await batcher.aclose()
+    return answers, pending_while_running, pending_after
+  answers, pending_while_running, pending_after = run(main())
+  direct = fake_model().probabilities(np.stack([np.full((28, 28), v, np.float32)
+                                                for v in (0.2, 0.4, 0.6)]))
+  np.testing.assert_allclose([a.probabilities for a in answers], direct, rtol=1e-5)
+  assert (pending_while_running, pending_after) == (2, 0)  # ... and only then free their slots
+  assert open(log).read().split() == ["0.2", "0.4", "0.6", "0.8", "0.9"]  # the other two: never
+
+
+def test_processes_turn_errors_into_answers_and_failures_into_exceptions():
+  batcher = Batcher(fake_model(), processes=1, preprocess=refuse_or_fail)
+
+  async def main():
+    refused = await batcher.predict("refuse", "bad.png")
+    with pytest.raises(RuntimeError, match=r"preprocessing failed \(ZeroDivisionError\)"):
+      await batcher.predict("fail")
+    pending = batcher.pending
+    await batcher.aclose()
+    return refused, pending
+  refused, pending = run(main())
+  assert refused.digit is None and refused.error == "not an image Pillow can read"
+  assert pending == 0
