@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import multiprocessing.connection
 import pickle
+import signal
 
 import numpy as np
 
@@ -25,7 +26,9 @@ def serve(connection: multiprocessing.connection.Connection) -> None:
   not an image, no digit; FileNotFoundError), or ("failed", what) for anything else. The server
   writes a request only to an idle process, so no request waits in the pipe. When the server's
   end closes (it shut the pool, or it died, even by SIGKILL), the next read ends the process.
+  Ctrl-C reaches the whole process group: only the server acts on it (it then closes the pipes).
   """
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   warm_up()
   connection.send_bytes(pickle.dumps(("ready", None)))
   while True:
@@ -37,7 +40,7 @@ def serve(connection: multiprocessing.connection.Connection) -> None:
       answer = ("image", (preprocess or to_mnist)(source))
     except (ValueError, FileNotFoundError) as e:
       answer = ("error", str(e)[:MAX_MESSAGE])
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:  # pylint: disable=broad-except  # noqa: BLE001 (every request is answered)
       answer = ("failed", type(e).__name__)
     try:
       connection.send_bytes(pickle.dumps(answer, pickle.HIGHEST_PROTOCOL))
