@@ -68,15 +68,15 @@ class _Process:
 class _Processes:
   """Preprocessing processes, each fed through a pipe of its own from the event loop.
 
-  concurrent.futures.ProcessPoolExecutor cost the server's process 0.38-0.44 ms of CPU a task (a
-  feeder thread pickles each call into a queue, a manager thread reads each result back, each
-  waking the next); writing to a pipe from the event loop and reading the answer in a reader
-  callback costs 0.08-0.11 ms (docs/benchmarks.md). A process holds at most two requests: the
-  one it runs and, if small, the next, so that it never waits for the server between two; a
-  large upload goes only to an idle process, so a write never waits for a busy one. The rest wait
-  here, in order, and a request cancelled before a process got it never runs. A process that
-  dies fails only the requests it held, and is replaced. The processes end when the server's ends of their pipes close: when the pool is shut,
-  or when the server dies, however it dies.
+  Cheaper for the server than concurrent.futures.ProcessPoolExecutor, whose feeder thread
+  pickles each call into a queue and whose manager thread reads each result back, each waking the
+  next: here the event loop writes to a pipe and reads the answer in a reader callback (the
+  server's CPU per request: docs/benchmarks.md). A process holds at most two requests: the one it
+  runs and, if small, the next, so that it never waits for the server between two; a large upload
+  goes only to an idle process, so a write never waits for a busy one. The rest wait here, in
+  order, and a request cancelled before a process got it never runs. A process that dies fails
+  only the requests it held, and is replaced. The processes end when the server's ends of their
+  pipes close: when the pool is shut, or when the server dies, however it dies.
   """
 
   def __init__(self, count: int):
