@@ -97,9 +97,12 @@ class _Processes:
       self._spawn()
     for process in self._processes:
       if not process.ready:
-        if not process.connection.poll(timeout_s):
-          raise RuntimeError("a preprocessing process did not start")
-        pickle.loads(process.connection.recv_bytes())  # ("ready", None)
+        try:
+          if not process.connection.poll(timeout_s):
+            raise EOFError
+          pickle.loads(process.connection.recv_bytes())  # ("ready", None)
+        except (EOFError, OSError):
+          raise RuntimeError("a preprocessing process did not start") from None
         process.ready = True
 
   def _spawn(self) -> None:
@@ -113,6 +116,8 @@ class _Processes:
       self._loop.add_reader(ours.fileno(), self._readable, self._processes[-1])
 
   def submit(self, preprocess: Callable | None, source: ImageSource) -> _Job:
+    if self._closed:
+      raise RuntimeError("the preprocessing processes are shut down")
     loop = asyncio.get_running_loop()
     if self._loop is not loop:
       self._bind(loop)
@@ -196,20 +201,26 @@ class _Processes:
     if not self._closed:
       self._spawn()
 
-  def close(self) -> None:
-    """Closes the pipes (each process ends once it finishes what it holds) and waits for the
-    processes, killing any that have not ended within 10 s."""
+  def shut(self) -> None:
+    """Cancels what waits here and closes the pipes: each process ends once it finishes what it
+    holds. On the event loop's thread (its readers are removed here)."""
     self._closed = True
     for job in self._queue:
       job.answer.cancel()
     self._queue.clear()
     for process in self._processes:
+      if process.connection.closed:
+        continue  # shut before
       if self._loop is not None and not self._loop.is_closed():
         try:
           self._loop.remove_reader(process.connection.fileno())
-        except (RuntimeError, ValueError, OSError):
-          pass
+        except (RuntimeError, ValueError):
+          pass  # another event loop's, gone
       process.connection.close()
+
+  def join(self) -> None:
+    """Waits for the shut processes to end, killing any still running after 10 s (blocks: call
+    it off the event loop)."""
     for process in self._processes:
       process.process.join(10)
       if process.process.is_alive():
@@ -377,7 +388,8 @@ class Batcher:
         pass
     # Waits for the processes to exit (running work is bounded), so that none outlives this one.
     if self._processes is not None:
-      await asyncio.to_thread(self._processes.close)
+      self._processes.shut()
+      await asyncio.to_thread(self._processes.join)
     else:
       await asyncio.to_thread(self._threads.shutdown, wait=True, cancel_futures=True)
     self._model.shutdown(wait=False, cancel_futures=True)

@@ -200,3 +200,19 @@ def test_processes_turn_errors_into_answers_and_failures_into_exceptions():
   refused, pending = run(main())
   assert refused.digit is None and refused.error == "not an image Pillow can read"
   assert pending == 0
+
+
+def test_a_shut_batcher_refuses_work_and_leaves_no_process():
+  batcher = Batcher(fake_model(), processes=2)
+  batcher.warm_up()
+  processes = [p.process for p in batcher._processes._processes]
+
+  async def main():
+    answer = await batcher.predict(np.zeros((28, 28), np.uint8) + 255)  # blank: no digit
+    await batcher.aclose()
+    await batcher.aclose()  # twice is harmless
+    with pytest.raises(RuntimeError, match="shut down"):
+      await batcher.predict(np.zeros((28, 28), np.uint8))
+    return answer
+  assert run(main()).error.startswith("no digit found")
+  assert all(p.exitcode is not None for p in processes)
