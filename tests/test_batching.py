@@ -168,14 +168,16 @@ def test_processes_answer_each_request_and_give_up_queued_work(tmp_path):
 
   async def main():
     answers = await asyncio.gather(*(batcher.predict((log, 0.0, v)) for v in (0.2, 0.4, 0.6)))
-    running = asyncio.create_task(batcher.predict((log, 0.6, 0.8)))
+    running = asyncio.create_task(batcher.predict((log, 2.0, 0.8)))
     queued = [asyncio.create_task(batcher.predict((log, 0.0, v))) for v in (0.9, 0.95, 0.99)]
     await asyncio.sleep(0.3)  # one runs in the only process, the next waits in its pipe,
     for task in [running, *queued]:  # two wait here
       task.cancel()
     await asyncio.gather(running, *queued, return_exceptions=True)
     pending_while_running = batcher.pending
-    await asyncio.sleep(0.8)  # the running one and the one in the pipe finish ...
+    deadline = time.monotonic() + 20
+    while batcher.pending and time.monotonic() < deadline:
+      await asyncio.sleep(0.05)  # the running one and the one in the pipe finish ...
     pending_after = batcher.pending
     await batcher.aclose()
     return answers, pending_while_running, pending_after
