@@ -121,9 +121,8 @@ class _Processes:
     loop = asyncio.get_running_loop()
     if self._loop is not loop:
       self._bind(loop)
-    if len(self._processes) < self._count:
-      for _ in range(self._count - len(self._processes)):
-        self._spawn()  # not yet started (no warm-up): idle once they say they are ready
+    for _ in range(self._count - len(self._processes)):
+      self._spawn()  # not started by warm_up: each takes work once it says it is ready
     job = _Job(pickle.dumps((preprocess, source), pickle.HIGHEST_PROTOCOL), loop.create_future())
     self._queue.append(job)
     self._dispatch()
@@ -293,42 +292,50 @@ class Batcher:
     if self._pending >= self.max_pending:
       raise Busy
     self._pending += 1
-    release = True
+    held: list[bool] = []  # non-empty once abandoned work keeps the slot until it is done
     try:
-      if self._processes is not None:
-        job = self._processes.submit(self._preprocess, source)
-        try:
-          kind, value = await asyncio.shield(job.answer)
-        except asyncio.CancelledError:
-          # A process holds it: it keeps its slot until done. (Not if the pool was shut.)
-          if not job.answer.done() and not self._processes.cancel(job):
-            release = False
-            job.when_done.append(self._release)
-          raise
-        if kind == "died":
-          raise RuntimeError("a preprocessing process died")
-        if kind == "failed":
-          raise RuntimeError(f"preprocessing failed ({value})")
-        if kind == "error":
-          return Prediction(name, None, None, None, None, value)
-        image = value
-      else:
-        work = self._threads.submit(self._preprocess or to_mnist, source)
-        try:
-          image = await asyncio.wrap_future(work)
-        except asyncio.CancelledError:
-          if not work.cancel():  # running: it keeps its slot until it is done
-            release = False
-            loop = asyncio.get_running_loop()
-            work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
-          raise
-        except (ValueError, FileNotFoundError) as e:
-          return Prediction(name, None, None, None, None, str(e))
+      preprocess = self._in_process if self._processes is not None else self._in_thread
+      image, error = await preprocess(source, held)
+      if error is not None:
+        return Prediction(name, None, None, None, None, error)
       answer = await self._classify(image)
       return prediction(name, image, answer, self.predictor.threshold)
     finally:
-      if release:
+      if not held:
         self._release()
+
+  async def _in_process(self, source: ImageSource,
+                        held: list[bool]) -> tuple[np.ndarray | None, str | None]:
+    """(the 28x28 image, None) or (None, why it is refused), from a preprocessing process."""
+    job = self._processes.submit(self._preprocess, source)
+    try:
+      kind, value = await asyncio.shield(job.answer)
+    except asyncio.CancelledError:
+      # A process holds it: it keeps its slot until done. (Not if the pool was shut.)
+      if not job.answer.done() and not self._processes.cancel(job):
+        held.append(True)
+        job.when_done.append(self._release)
+      raise
+    if kind == "died":
+      raise RuntimeError("a preprocessing process died")
+    if kind == "failed":
+      raise RuntimeError(f"preprocessing failed ({value})")
+    return (None, value) if kind == "error" else (value, None)
+
+  async def _in_thread(self, source: ImageSource,
+                       held: list[bool]) -> tuple[np.ndarray | None, str | None]:
+    """(the 28x28 image, None) or (None, why it is refused), from a preprocessing thread."""
+    work = self._threads.submit(self._preprocess or to_mnist, source)
+    try:
+      return await asyncio.wrap_future(work), None
+    except asyncio.CancelledError:
+      if not work.cancel():  # running: it keeps its slot until it is done
+        held.append(True)
+        loop = asyncio.get_running_loop()
+        work.add_done_callback(lambda _: loop.call_soon_threadsafe(self._release))
+      raise
+    except (ValueError, FileNotFoundError) as e:
+      return None, str(e)
 
   def _release(self) -> None:
     self._pending -= 1

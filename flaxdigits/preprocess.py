@@ -348,14 +348,12 @@ def _max_filter(values: np.ndarray, radius: int) -> np.ndarray:
   """`ndimage.maximum_filter(values, size=2 * radius + 1)`, as whole-array maxima of shifted
   views: a fraction of its time on small arrays. (Its "reflect" edges only repeat pixels that
   lie in the window anyway, so a window cut off at the edge has the same maximum.)"""
-  for axis in (0, 1):
+  for _ in range(2):  # down the columns, then (transposed) along the rows
     source, values = values, values.copy()
-    for k in range(1, min(radius, values.shape[axis] - 1) + 1):
-      lead, rest = [slice(None)] * 2, [slice(None)] * 2
-      lead[axis], rest[axis] = slice(k, None), slice(None, -k)
-      lead, rest = tuple(lead), tuple(rest)
-      np.maximum(values[lead], source[rest], out=values[lead])
-      np.maximum(values[rest], source[lead], out=values[rest])
+    for k in range(1, min(radius, len(values) - 1) + 1):
+      np.maximum(values[k:], source[:-k], out=values[k:])
+      np.maximum(values[:-k], source[k:], out=values[:-k])
+    values = values.T
   return values
 
 

@@ -299,7 +299,6 @@ def guarded_http_protocol(header_timeout_s: float = HEADER_TIMEOUT_S,
 
     def connection_made(self, transport) -> None:
       self._header_timer = None
-      self._headers_done = self._answered = 0  # requests whose headers arrived; responses sent
       super().connection_made(transport)
       if len(self.connections) > max_connections:
         transport.close()
@@ -307,7 +306,6 @@ def guarded_http_protocol(header_timeout_s: float = HEADER_TIMEOUT_S,
       self._arm_header_timer()
 
     def on_response_complete(self) -> None:
-      self._answered += 1
       super().on_response_complete()
       self._arm_header_timer()  # the next request's headers get the same time
 
@@ -334,10 +332,15 @@ def guarded_http_protocol(header_timeout_s: float = HEADER_TIMEOUT_S,
     return GuardedH11Protocol
 
   class GuardedHttpToolsProtocol(Guard, HttpToolsProtocol):
+    _headers_done = _answered = 0  # requests whose headers arrived; responses sent
 
     def on_headers_complete(self) -> None:
       self._headers_done += 1
       super().on_headers_complete()
+
+    def on_response_complete(self) -> None:
+      self._answered += 1
+      super().on_response_complete()
 
     def _awaiting_headers(self) -> bool:
       # Every request whose headers arrived has been answered (pipelined ones included).

@@ -37,8 +37,9 @@ def main() -> None:
   from flaxdigits.predict import Predictor
   from flaxdigits.preprocess import NoDigitFound, to_mnist
 
-  predictor = Predictor.from_checkpoint(args.checkpoint)
-  held = load_model(args.checkpoint)[1].get("train", {}).get("validation", TrainConfig().validation)
+  model, meta = load_model(args.checkpoint)  # once: the held-out count and the model
+  predictor = Predictor.from_model(model)  # uncalibrated: the same top-1 answers
+  held = meta.get("train", {}).get("validation", TrainConfig().validation)
   if not held:
     raise SystemExit("the checkpoint holds no training images out (trained with --validation 0)")
   train = load_mnist(args.data_dir, ("train",))["train"]
