@@ -1,6 +1,7 @@
 """Running the code of another checkout (another commit) in this environment, for benchmarks
 that compare two releases side by side."""
 
+import shutil
 import sys
 from pathlib import Path
 
@@ -24,3 +25,12 @@ main()
 def digits(root: Path) -> list[str]:
   """The command line that runs `digits` from the checkout at `root`: append its arguments."""
   return [sys.executable, "-c", _CLI, str(root)]
+
+
+def installed_digits() -> str:
+  """This environment's `digits` command: the one next to this Python, whether or not its folder
+  is on PATH, else the one on PATH. Exits with one line if there is none."""
+  found = shutil.which("digits", path=str(Path(sys.executable).parent)) or shutil.which("digits")
+  if found is None:
+    sys.exit("no `digits` command next to this Python or on PATH: pip install -e . first")
+  return found

@@ -15,7 +15,6 @@ import os
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,12 +48,7 @@ def main() -> None:
   }
   if args.only:
     commands = {k: v for k, v in commands.items() if k.split()[1] in args.only}
-  # This environment's `digits` (next to this Python, whether or not it is on PATH).
-  own_digits = shutil.which("digits", path=str(Path(sys.executable).parent)) or shutil.which(
-      "digits")
-  if own_digits is None:
-    raise SystemExit("no `digits` command next to this Python or on PATH: pip install -e .")
-  launchers = {"this": [own_digits]}
+  launchers = {"this": [_checkout.installed_digits()]}
   if args.against:
     launchers["against"] = _checkout.digits(args.against.resolve())
   for name, arguments in commands.items():

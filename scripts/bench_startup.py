@@ -6,11 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 import statistics
 import subprocess
 import sys
 import time
+
+import _checkout
 
 PROBE = ("import sys\nfrom flaxdigits.cli.main import main\nsys.argv = ['digits', '--help']\n"
          "try:\n  main()\nexcept SystemExit:\n  pass\n"
@@ -22,9 +23,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--runs", type=int, default=20)
   args = parser.parse_args()
-  digits = shutil.which("digits")
-  if digits is None:
-    sys.exit("the digits command is not on PATH; pip install -e . first")
+  digits = _checkout.installed_digits()
   times = []
   for _ in range(args.runs + 1):
     start = time.perf_counter()
