@@ -338,10 +338,20 @@ def _margin(top: int, bottom: int, left: int, right: int, shape) -> tuple[slice,
 
 
 def _stroke_width(ink: np.ndarray) -> float:
-  """Typical stroke width in pixels: twice the distance to the edge along the strokes' spine."""
-  distance = ndimage.distance_transform_edt(ink > 0.5)
-  spine = (distance > 0) & (distance >= _max_filter(distance, 1))
-  return 2.0 * float(np.median(distance[spine])) if spine.any() else 0.0
+  """Typical stroke width in pixels, from the ink's area and the length of its edge.
+
+  A stroke of width w and length L covers w * L pixels and is edged by 2 * L (loops included:
+  an inner and an outer edge), so w = 2 * area / edge. Counted along pixel sides, an edge is
+  on average 4 / pi times its length over all directions, hence 8 / pi * area / sides. On
+  held-out digits this decides thickening and thinning as well as the median distance to the
+  edge along the strokes' spine did (scripts/compare_stroke_width.py), in a thirtieth of the
+  time.
+  """
+  mask = ink > 0.5
+  sides = (np.count_nonzero(mask[1:] != mask[:-1]) + np.count_nonzero(mask[:, 1:] != mask[:, :-1])
+           + np.count_nonzero(mask[0]) + np.count_nonzero(mask[-1])  # the array's edges count
+           + np.count_nonzero(mask[:, 0]) + np.count_nonzero(mask[:, -1]))
+  return 8 / math.pi * np.count_nonzero(mask) / sides if sides else 0.0
 
 
 def _max_filter(values: np.ndarray, radius: int) -> np.ndarray:

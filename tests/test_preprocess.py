@@ -259,6 +259,24 @@ def test_stages_show_what_to_mnist_does(digit):
   np.testing.assert_array_equal(shown["mnist"], to_mnist(picture))
 
 
+@pytest.mark.parametrize("width", [3, 6, 10, 14, 20])
+def test_stroke_width_of_rings_and_bars(width):
+  """The area/edge estimate: a ring (every direction at once) within 10% of its width; a
+  straight bar within 25% whatever its direction (pixel sides overcount a diagonal edge and
+  count an axis-aligned one exactly, so one direction alone is biased)."""
+  from flaxdigits.preprocess import _stroke_width
+  y, x = np.mgrid[:100, :100]
+  radius = np.hypot(y - 50, x - 50)
+  ring = ((radius <= 42) & (radius > 42 - width)).astype(np.float32)
+  assert abs(_stroke_width(ring) - width) <= 0.1 * width
+  for angle in np.radians([0, 20, 45, 70, 90]):
+    across = np.abs((y - 50) * np.cos(angle) - (x - 50) * np.sin(angle))
+    along = np.abs((y - 50) * np.sin(angle) + (x - 50) * np.cos(angle))
+    bar = ((across < width / 2) & (along < 45)).astype(np.float32)
+    assert abs(_stroke_width(bar) - width) <= 0.25 * width, np.degrees(angle)
+  assert _stroke_width(np.zeros((10, 10), np.float32)) == 0.0
+
+
 def test_filled_shapes_come_out_mnist_like():
   """A filled disc is all "stroke": it is eroded to the target stroke width by repeated 3x3
   erosions (one disk footprint as wide as the shape took 0.23 s; scripts/bench_hostile.py

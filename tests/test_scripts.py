@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -37,7 +38,7 @@ def test_every_script_has_a_smoke_test():
             "check_export.py", "compare_ood.py", "compare_tta.py", "load_test.py",
             "make_realistic_set.py", "make_doc_figures.py", "sweep.py", "bench_speedrun.py",
             "flax_example_loop.py", "bench_multihost.py", "gpu_check.py",
-            "compare_pad_side.py"}  # a module benchmark.py and bench_train.py run
+            "compare_pad_side.py", "compare_stroke_width.py"}  # a module benchmark.py and bench_train.py run
   assert {p.name for p in SCRIPTS.glob("*.py") if not p.name.startswith("_")} == tested
 
 
@@ -173,6 +174,21 @@ def test_compare_pad_side_uses_held_out_digits(tiny_checkpoint, tiny_data_dir):
   assert "20 held-out training digits" in out
   assert re.search(r"side  112 px: \d+\.\d\d% correct", out)
   assert re.search(r"side  160 px: to_mnist \d+\.\d\d ms", out)
+
+
+def test_compare_stroke_width_uses_held_out_digits(tiny_checkpoint, tiny_data_dir, tmp_path):
+  kind = tmp_path / "set" / "scan"  # a realistic set of one kind, two pictures
+  kind.mkdir(parents=True)
+  for i, label in enumerate((3, 7)):
+    ink = np.zeros((60, 60), np.uint8)
+    ink[10:50, 25 + i * 5:33 + i * 5] = 255
+    Image.fromarray(255 - ink).save(kind / f"{i:05d}_{label}.png")
+  out = run("compare_stroke_width.py", "--checkpoint", tiny_checkpoint, "--data-dir",
+            tiny_data_dir, "--count", 20, "--set", tmp_path / "set")
+  assert re.search(r"pad-112 +area/edge \(now\) +\d+\.\d\d% \(\d+/20\)  spine \(before\)", out)
+  assert re.search(r"scan +area/edge \(now\) +\d+\.\d\d% \(\d/2\).*same decision", out)
+  assert re.search(r"overall .*\(\d+/22\)", out)
+  assert re.search(r"spine \(before\): \d+ us per estimate", out)
 
 
 def test_checkout_runs_a_checkouts_own_cli():
