@@ -94,9 +94,8 @@ def tta_log_probs(model: nnx.Module, images_BxHxWxC: jax.Array) -> jax.Array:
   return jnp.log(jnp.mean(jnp.stack(probs), axis=0))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "batch_size", "sharding", "tta"))
-def _eval_batch(graphdef, params, images_NxHxW, labels_N, start, *, batch_size, sharding,
-                tta=False):
+@functools.partial(jax.jit, static_argnames=("graphdef", "sharding", "tta"))
+def _eval_batch(graphdef, params, images_BxHxW, labels_B, *, sharding, tta=False):
   """Per-example loss, predicted class, confidence and logits of one batch, sharded like the batch.
 
   Nothing is summed across the batch here: a sum over a batch sharded on several devices is a
@@ -104,12 +103,10 @@ def _eval_batch(graphdef, params, images_NxHxW, labels_N, start, *, batch_size, 
   40 s) when many such programs are queued without a data dependency between them, as the
   batches of an evaluation are. Per-example outputs need no communication; the host sums them.
   """
-  images = jax.lax.dynamic_slice_in_dim(images_NxHxW, start, batch_size)
-  labels = jax.lax.dynamic_slice_in_dim(labels_N, start, batch_size)
-  images = jax.lax.with_sharding_constraint(normalize(images), sharding)
+  images = jax.lax.with_sharding_constraint(normalize(images_BxHxW), sharding)
   model = nnx.merge(graphdef, params)
   logits_BxK = tta_log_probs(model, images) if tta else model(images)
-  loss_B = cross_entropy(logits_BxK, labels)
+  loss_B = cross_entropy(logits_BxK, labels_B)
   confidence_B = jnp.max(jax.nn.softmax(logits_BxK, -1), -1)
   return loss_B, jnp.argmax(logits_BxK, -1), confidence_B, logits_BxK
 
@@ -133,10 +130,13 @@ def evaluate(model: nnx.Module, split: Split, *, batch_size: int = EVAL_BATCH_SI
   pad = padded - n
   images = np.pad(split.images, ((0, pad), (0, 0), (0, 0)))
   labels = np.pad(split.labels.astype(np.int32), (0, pad))
-  images, labels = parallel.replicate((images, labels), mesh)
   graphdef, params = nnx.split(model)
   params = parallel.replicate(params, mesh)
-  outputs = [_eval_batch(graphdef, params, images, labels, start, batch_size=batch_size,
+  # Batch by batch, so that one program serves splits of any length (training scores the
+  # held-out images and then the test set: one compilation, not two).
+  outputs = [_eval_batch(graphdef, params,
+                         *parallel.replicate((images[start:start + batch_size],
+                                              labels[start:start + batch_size]), mesh),
                          sharding=parallel.batch_sharded(mesh), tta=tta)
              for start in range(0, padded, batch_size)]
   # One program per batch, none with a collective; then (across processes) one all-gather.

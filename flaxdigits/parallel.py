@@ -12,6 +12,14 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 DATA_AXIS = "data"
 
 
+def run_once_options() -> dict[str, int] | None:
+  """XLA options for programs that run once or once an epoch (initialisers, the epoch's
+  shuffle, checks): on CPU, without LLVM's optimisations, which are most of such a program's
+  compilation (the shuffle's 0.65 s fell to 0.42 s, and it runs ~10 ms longer an epoch). Integer
+  and boolean results are the same; float ones may differ in the last bit (FMA contraction)."""
+  return {"xla_backend_optimization_level": 0} if jax.default_backend() == "cpu" else None
+
+
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A mesh over `devices` (by default every device of every process in the job) with one axis,
   'data'."""

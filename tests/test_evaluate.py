@@ -42,9 +42,9 @@ def test_sharded_evaluation_program_has_no_cross_device_communication(tta):
   mesh = make_mesh(jax.devices()[:4])
   graphdef, params = nnx.split(model)
   images, labels, params = replicate(
-      (np.zeros((64, 28, 28), np.uint8), np.zeros(64, np.int32), params), mesh)
-  program = _eval_batch.lower(graphdef, params, images, labels, 0, batch_size=32,
-                              sharding=batch_sharded(mesh), tta=tta).compile()
+      (np.zeros((32, 28, 28), np.uint8), np.zeros(32, np.int32), params), mesh)
+  program = _eval_batch.lower(graphdef, params, images, labels, sharding=batch_sharded(mesh),
+                              tta=tta).compile()
   for sharding in program.output_shardings:  # really split over the four devices
     assert sharding.is_equivalent_to(batch_sharded(mesh), 1)
   hlo = program.as_text()
@@ -169,4 +169,16 @@ def test_a_second_model_of_the_same_config_does_not_compile_again(small):
   other = evaluate(build_model(config, seed=1), split, batch_size=50)
   assert _eval_batch._cache_size() == compiled
   assert other.num_examples == 50
+
+
+def test_splits_of_any_length_share_one_program(small):
+  # Training scores its held-out images, then the test set: one compilation for both.
+  model = build_model(ModelConfig(conv_features=(4,), dense_features=(8,)), seed=0)
+  images, labels = small["test"].images, small["test"].labels
+  first = evaluate(model, Split(images[:40], labels[:40]), batch_size=20)
+  compiled = _eval_batch._cache_size()
+  longer = evaluate(model, Split(images[:100], labels[:100]), batch_size=20)
+  assert _eval_batch._cache_size() == compiled
+  np.testing.assert_array_equal(longer.predicted[:40], first.predicted)
+  assert longer.num_examples == 100
 
