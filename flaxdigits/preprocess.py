@@ -354,6 +354,18 @@ def _stroke_width(ink: np.ndarray) -> float:
   return 8 / math.pi * np.count_nonzero(mask) / sides if sides else 0.0
 
 
+# MNIST's stroke width at to_mnist's working scale (4x the final one).
+_WORK_STROKE = 4 * TARGET_STROKE
+
+
+def _stroke_change(width: float) -> int:
+  """What to_mnist does with strokes of this width at its working scale: -1 thickens them (well
+  under MNIST's), 1 thins them (well over), 0 keeps them."""
+  if 0 < width < 0.75 * _WORK_STROKE:
+    return -1
+  return 1 if width > 1.35 * _WORK_STROKE else 0
+
+
 def _max_filter(values: np.ndarray, radius: int) -> np.ndarray:
   """`ndimage.maximum_filter(values, size=2 * radius + 1)`, as whole-array maxima of shifted
   views: a fraction of its time on small arrays. (Its "reflect" edges only repeat pixels that
@@ -439,11 +451,12 @@ def to_mnist(source: ImageSource) -> np.ndarray:
   h, w = ink.shape
   work = 4 * BOX / max(h, w)
   ink = _resize(ink, max(1, round(w * work)), max(1, round(h * work)))
-  width, target = _stroke_width(ink), 4 * TARGET_STROKE
-  if 0 < width < 0.75 * target:
+  width, target = _stroke_width(ink), _WORK_STROKE
+  change = _stroke_change(width)
+  if change < 0:
     ink = ndimage.grey_dilation(np.pad(ink, int(target)), footprint=_disk(target - width))
     ink = _crop(ink)
-  elif width > 1.35 * target:
+  elif change > 0:
     ink = _crop(_erode(ink, width - 1.1 * target))
   h, w = ink.shape
   scale = BOX / max(h, w)

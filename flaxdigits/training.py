@@ -213,18 +213,12 @@ def steps_per_dispatch(steps_per_epoch: int, wanted: int) -> int:
   return max(k for k in range(1, min(wanted, steps_per_epoch) + 1) if steps_per_epoch % k == 0)
 
 
+@functools.partial(parallel.jit_run_once, static_argnames=("n", "steps", "batch_size"))
 def epoch_permutation(key: jax.Array, epoch: int, *, n: int, steps: int,
                       batch_size: int) -> jax.Array:
   """The epoch's shuffled example indices as (steps, batch_size); the remainder sits out."""
-  return _permutation_program(n, steps, batch_size)(key, epoch)
-
-
-@functools.cache
-def _permutation_program(n: int, steps: int, batch_size: int) -> Callable:
-  def permutation(key, epoch):
-    perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, 0), epoch), n)
-    return perm[:steps * batch_size].reshape(steps, batch_size)
-  return jax.jit(permutation, compiler_options=parallel.run_once_options())
+  perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, 0), epoch), n)
+  return perm[:steps * batch_size].reshape(steps, batch_size)
 
 
 def init_state(model: CNN, tx: optax.GradientTransformation, seed: int) -> TrainState:
@@ -232,8 +226,8 @@ def init_state(model: CNN, tx: optax.GradientTransformation, seed: int) -> Train
   # One program for all the optimiser's zeros: eagerly each shape compiles its own.
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     batch_stats=nnx.state(model, nnx.BatchStat),
-                    opt_state=jax.jit(tx.init, compiler_options=parallel.run_once_options())(
-                        params), key=jax.random.PRNGKey(seed))
+                    opt_state=parallel.jit_run_once(tx.init)(params),
+                    key=jax.random.PRNGKey(seed))
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -484,15 +478,9 @@ OUTLIER_POOL = 4000
 _MAX_STEPS = 2**31 - 1
 
 
+@parallel.jit_run_once
 def _all_finite(tree: PyTree) -> jax.Array:
-  return _all_finite_program()(tree)
-
-
-@functools.cache
-def _all_finite_program() -> Callable:
-  def all_finite(tree):
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
-  return jax.jit(all_finite, compiler_options=parallel.run_once_options())
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
 
 
 def _donated(state: TrainState) -> bool:

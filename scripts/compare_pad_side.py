@@ -17,7 +17,7 @@ import argparse
 import statistics
 import time
 
-import numpy as np
+import _held_out
 from bench_preprocess import pad_png
 
 
@@ -31,35 +31,17 @@ def main() -> None:
   parser.add_argument("--timing-count", type=int, default=200, help="of those, timed")
   parser.add_argument("--rounds", type=int, default=3)
   args = parser.parse_args()
-  from flaxdigits.checkpoint import load_model
-  from flaxdigits.config import TrainConfig
-  from flaxdigits.data import hold_out, load_mnist
-  from flaxdigits.predict import Predictor
   from flaxdigits.preprocess import NoDigitFound, to_mnist
 
-  model, meta = load_model(args.checkpoint)  # once: the held-out count and the model
-  predictor = Predictor.from_model(model)  # uncalibrated: the same top-1 answers
-  held = meta.get("train", {}).get("validation", TrainConfig().validation)
-  if not held:
-    raise SystemExit("the checkpoint holds no training images out (trained with --validation 0)")
-  train = load_mnist(args.data_dir, ("train",))["train"]
-  digits = hold_out(train, held)[1]
+  predictor, digits = _held_out.model_and_digits(args.checkpoint, args.data_dir)
   count = min(args.count, len(digits))
   sides = [int(s) for s in args.sides.split(",")]
   print(f"{count:,} held-out training digits as pad canvases, checkpoint {args.checkpoint}")
   pngs = {side: [pad_png(digits.images[i], side) for i in range(count)] for side in sides}
   for side in sides:
-    images, labels = [], []
-    for png, label in zip(pngs[side], digits.labels[:count]):
-      try:
-        images.append(to_mnist(png))
-        labels.append(label)
-      except NoDigitFound:
-        pass
-    answers = predictor.probabilities(np.stack(images)).argmax(-1)
-    correct = int((answers == np.asarray(labels)).sum())
+    correct, found = _held_out.score(predictor, pngs[side], digits.labels[:count])
     print(f"side {side:4d} px: {correct / count:.2%} correct ({correct}/{count}; "
-          f"{count - len(images)} found no digit)", flush=True)
+          f"{count - found} found no digit)", flush=True)
   timed = min(args.timing_count, count)
   times: dict[int, list[float]] = {side: [] for side in sides}
   for side in sides:  # warm: first calls

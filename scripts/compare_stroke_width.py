@@ -24,6 +24,7 @@ import contextlib
 import time
 from pathlib import Path
 
+import _held_out
 import numpy as np
 from bench_preprocess import pad_png
 from scipy import ndimage
@@ -54,13 +55,6 @@ def estimate(function):
     preprocess._stroke_width = used
 
 
-def decision(width: float) -> int:
-  """-1 thicken, 0 keep, 1 thin: what to_mnist does with a stroke of this width."""
-  from flaxdigits.preprocess import TARGET_STROKE  # pylint: disable=import-outside-toplevel
-  target = 4 * TARGET_STROKE
-  return -1 if 0 < width < 0.75 * target else (1 if width > 1.35 * target else 0)
-
-
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--checkpoint", default="ckpt")
@@ -70,16 +64,8 @@ def main() -> None:
   parser.add_argument("--count", type=int, default=5000, help="held-out digits drawn as the pad")
   args = parser.parse_args()
   from flaxdigits import preprocess
-  from flaxdigits.checkpoint import load_model
-  from flaxdigits.config import TrainConfig
-  from flaxdigits.data import hold_out, load_mnist
-  from flaxdigits.predict import Predictor, expand_paths
-  model, meta = load_model(args.checkpoint)
-  predictor = Predictor.from_model(model)  # uncalibrated: the same top-1 answers
-  held = meta.get("train", {}).get("validation", TrainConfig().validation)
-  if not held:
-    raise SystemExit("the checkpoint holds no training images out (trained with --validation 0)")
-  digits = hold_out(load_mnist(args.data_dir, ("train",))["train"], held)[1]
+  from flaxdigits.predict import expand_paths
+  predictor, digits = _held_out.model_and_digits(args.checkpoint, args.data_dir)
   count = min(args.count, len(digits))
   kinds = {"pad-112": ([pad_png(digits.images[i], 112) for i in range(count)],
                        [int(y) for y in digits.labels[:count]])}
@@ -89,25 +75,20 @@ def main() -> None:
       kinds[kind] = ([Path(p).read_bytes() for p in paths],
                      [int(Path(p).stem.split("_")[1]) for p in paths])
   estimates = {"area/edge (now)": preprocess._stroke_width, "spine (before)": spine_width}
-  print(f"checkpoint {args.checkpoint}: {held:,} held-out training digits")
+  print(f"checkpoint {args.checkpoint}: {len(digits):,} held-out training digits")
   totals = {name: 0 for name in estimates}
   inks: list[np.ndarray] = []  # what the current estimate measured
   for kind, (inputs, labels) in kinds.items():
     line = f"{kind:12s}"
     for name, function in estimates.items():
       with estimate(function) as seen:
-        images, kept = [], []
-        for x, y in zip(inputs, labels):
-          with contextlib.suppress(preprocess.NoDigitFound):
-            images.append(preprocess.to_mnist(x))
-            kept.append(y)
-      answers = predictor.probabilities(np.stack(images)).argmax(-1)
-      hits = int((answers == np.asarray(kept)).sum())
+        hits, _ = _held_out.score(predictor, inputs, labels)
       totals[name] += hits
       line += f"  {name} {hits / len(inputs):7.2%} ({hits}/{len(inputs)})"
       if function is preprocess._stroke_width:
         measured = seen
-    agree = np.mean([decision(preprocess._stroke_width(ink)) == decision(spine_width(ink))
+    change = preprocess._stroke_change  # what to_mnist does with a width
+    agree = np.mean([change(preprocess._stroke_width(ink)) == change(spine_width(ink))
                      for ink in measured])
     inks += measured
     print(f"{line}  same decision {agree:.1%}", flush=True)
