@@ -18,6 +18,7 @@ from flaxdigits.config import NUM_CLASSES
 
 DATA_DIR_ENV = "FLAXDIGITS_DATA_DIR"
 SPLITS = ("train", "test")
+IMAGE_SHAPE = (28, 28)
 # MNIST's published counts. Files in the same format with other counts are accepted.
 SPLIT_SIZES = {"train": 60_000, "test": 10_000}
 _IDX_STEMS = {
@@ -135,7 +136,7 @@ def load_idx_split(data_dir: str | os.PathLike, split: str) -> Split:
   labels_path = find_idx_file(data_dir, split, "labels")
   images = read_idx(images_path, _IMAGES_MAGIC)
   labels = read_idx(labels_path, _LABELS_MAGIC)
-  if images.shape[1:] != (28, 28):
+  if images.shape[1:] != IMAGE_SHAPE:
     raise ValueError(f"{images_path}: images are {images.shape[1:]}, expected 28x28")
   if len(images) != len(labels):
     raise ValueError(f"{images_path} has {len(images)} images but {labels_path} has "
@@ -207,6 +208,13 @@ def load_tfds_split(split: str, data_dir: str | None = None) -> Split:
 VALIDATION_SEED = 20_261_201
 
 
+def check_hold_out(num_examples: int, n: int) -> None:
+  """Raises ValueError unless n images can be held out of num_examples (see hold_out)."""
+  if not 0 <= n < num_examples:
+    raise ValueError(f"cannot hold out {n:,} of {num_examples:,} training images for validation; "
+                     "choose fewer (--validation)")
+
+
 def hold_out(split: Split, n: int) -> tuple[Split, Split]:
   """(the rest, n held-out images) of a training split; the same n images on every call.
 
@@ -216,9 +224,7 @@ def hold_out(split: Split, n: int) -> tuple[Split, Split]:
   Raises:
     ValueError: n is negative or leaves no image to train on.
   """
-  if not 0 <= n < len(split):
-    raise ValueError(f"cannot hold out {n:,} of {len(split):,} training images for validation; "
-                     "choose fewer (--validation)")
+  check_hold_out(len(split), n)
   order = np.random.default_rng(VALIDATION_SEED).permutation(len(split))
   rest, held = np.sort(order[n:]), np.sort(order[:n])
   return (Split(split.images[rest], split.labels[rest]),

@@ -15,7 +15,7 @@ from jax.sharding import Mesh
 from flaxdigits import distributed, parallel
 from flaxdigits.augment import rotate, shift_image
 from flaxdigits.config import EVAL_BATCH_SIZE
-from flaxdigits.data import NUM_CLASSES, Split, normalize
+from flaxdigits.data import IMAGE_SHAPE, NUM_CLASSES, Split, normalize
 from flaxdigits.model import probabilities
 
 
@@ -111,6 +111,27 @@ def _eval_batch(graphdef, params, images_BxHxW, labels_B, *, sharding, tta=False
   return loss_B, jnp.argmax(logits_BxK, -1), confidence_B, logits_BxK
 
 
+def _batch_size(n: int, batch_size: int, mesh: Mesh) -> int:
+  """The batch evaluate uses for n examples: batch_size, or n if fewer, rounded up to a whole
+  number of examples per device."""
+  n_dev = mesh.devices.size
+  return -(-min(batch_size, max(n, 1)) // n_dev) * n_dev
+
+
+def compile_ahead(model: nnx.Module, num_examples: int, *, batch_size: int = EVAL_BATCH_SIZE,
+                  mesh: Mesh, tta: bool = False) -> None:
+  """Compiles the program that evaluate(model, split, ...) runs for a split of num_examples
+  images, so that its first batch finds it compiled. `model` may be abstract
+  (model.abstract_model): only its shapes count. For parallel.AheadOfTime."""
+  replicated = parallel.replicated(mesh)
+  graphdef, state = nnx.split(model)
+  like = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+  b = _batch_size(num_examples, batch_size, mesh)
+  _eval_batch.lower(graphdef, jax.tree.map(lambda x: like(x.shape, x.dtype), state),
+                    like((b,) + IMAGE_SHAPE, np.uint8), like((b,), np.int32),
+                    sharding=parallel.batch_sharded(mesh), tta=tta).compile()
+
+
 def evaluate(model: nnx.Module, split: Split, *, batch_size: int = EVAL_BATCH_SIZE,
              mesh: Mesh | None = None, tta: bool = False) -> EvalResult:
   """Scores every example of `split` exactly once with jitted inference (no gradients).
@@ -121,8 +142,7 @@ def evaluate(model: nnx.Module, split: Split, *, batch_size: int = EVAL_BATCH_SI
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
   mesh = mesh or parallel.make_mesh()
-  n_dev = mesh.devices.size
-  batch_size = -(-min(batch_size, max(len(split), 1)) // n_dev) * n_dev
+  batch_size = _batch_size(len(split), batch_size, mesh)
   n = len(split)
   if n == 0:
     raise ValueError("cannot evaluate an empty split")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
+import logging
 import os
 from typing import Any, Callable, Sequence
 
@@ -31,7 +33,38 @@ def jit_run_once(fun: Callable, **jit_kwargs) -> Callable:
   @functools.wraps(fun)
   def call(*args, **kwargs):
     return jitted()(*args, **kwargs)
+  call.lower = lambda *args, **kwargs: jitted().lower(*args, **kwargs)
   return call
+
+
+class AheadOfTime:
+  """Work done ahead of its first use on one background thread, in the order given: compiling
+  programs (`jitted.lower(...).compile()` fills the cache that jitted's first call then finds)
+  and slow imports, while the caller prepares what they will run on.
+
+  XLA compiles a program on one core and releases the GIL meanwhile, so on a machine of two
+  cores the caller's own work (loading, initialising, compiling its small programs) runs beside
+  it. Every task is best effort: one that fails is logged and skipped, and the program is then
+  compiled at its first call as usual, which raises the error where the caller sees it.
+  Use as a context manager: leaving it waits for the thread, so nothing outlives the caller.
+  """
+
+  def __init__(self):
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ahead-of-time")
+
+  def submit(self, what: str, task: Callable[[], Any]) -> concurrent.futures.Future:
+    def run():
+      try:
+        task()
+      except Exception:  # pylint: disable=broad-except  # the first call compiles and raises
+        logging.getLogger(__name__).debug("ahead-of-time %s failed", what, exc_info=True)
+    return self._pool.submit(run)
+
+  def __enter__(self) -> "AheadOfTime":
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self._pool.shutdown(wait=True, cancel_futures=True)
 
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:

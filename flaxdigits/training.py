@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib
 import math
 import signal
 import threading
@@ -20,11 +21,12 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flaxdigits import calibration as calibration_lib
 from flaxdigits import distributed, parallel
+from flaxdigits import evaluation as evaluation_lib
 from flaxdigits.augment import augment_batch
 from flaxdigits.config import ModelConfig, TrainConfig
-from flaxdigits.data import Split, hold_out, normalize
+from flaxdigits.data import IMAGE_SHAPE, Split, check_hold_out, hold_out, normalize
 from flaxdigits.evaluation import EvalResult, cross_entropy, evaluate
-from flaxdigits.model import CNN, build_model, count_params
+from flaxdigits.model import CNN, abstract_model, build_model, count_params
 from flaxdigits.writers import EPOCH_TAGS, MetricWriter, MultiWriter
 
 PyTree = Any
@@ -273,11 +275,12 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
   mesh = mesh or parallel.make_mesh()
   parallel.check_divisible(train_config.batch_size, mesh)
   multi = jax.process_count() > 1
-  train_split, validation_split = _split(data, train_config)
+  check_hold_out(len(data["train"]), train_config.validation)
+  num_train = len(data["train"]) - train_config.validation  # before the split is copied out
   test_split = data.get("test")
-  steps_per_epoch = len(train_split) // train_config.batch_size
+  steps_per_epoch = num_train // train_config.batch_size
   if steps_per_epoch == 0:
-    raise ValueError(f"batch_size {train_config.batch_size} exceeds the {len(train_split)} "
+    raise ValueError(f"batch_size {train_config.batch_size} exceeds the {num_train} "
                      "training examples")
   if train_config.epochs * steps_per_epoch > _MAX_STEPS:
     raise ValueError(f"{train_config.epochs} epochs of {steps_per_epoch} steps is "
@@ -290,9 +293,29 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
       if not resume:
         checkpoint.refuse_existing(checkpoint_dir)
       manager = cleanup.enter_context(checkpoint.CheckpointManager(checkpoint_dir))
-    model = build_model(model_config, seed=train_config.seed)
-    graphdef, _, _ = nnx.split(model, nnx.Param, nnx.BatchStat)
+    # Left first, so its thread is done before anything else is let go.
+    ahead = cleanup.enter_context(parallel.AheadOfTime())
+    graphdef = nnx.graphdef(abstract_model(model_config))
+    num_outliers = outlier_batch_size(train_config, mesh.size)
+    k = steps_per_dispatch(steps_per_epoch, train_config.steps_per_dispatch)
+
+    def chunk_program(tx):  # the jitted chunk of k steps (in a job: the fed one)
+      step_fn = functools.partial(train_step, graphdef, tx, train_config,
+                                  parallel.batch_sharded(mesh), num_outliers=num_outliers)
+      chunk = (functools.partial(_train_chunk_fed, step_fn) if multi else
+               functools.partial(_train_chunk, step_fn, k))
+      return jax.jit(chunk, donate_argnums=0, compiler_options=training_compiler_options(mesh))
+
     tx = make_optimizer(train_config, steps_per_epoch)
+    program = chunk_program(tx)
+    program_ready = None
+    if not (resume or multi):  # (a resumed run may change its recipe; a job's feed differs)
+      program_ready = _compile_ahead(ahead, program, model_config, train_config, tx, mesh,
+                                     num_train=num_train, steps_per_epoch=steps_per_epoch,
+                                     num_outliers=num_outliers, test_split=test_split,
+                                     saves=checkpoint_dir is not None)
+    train_split, validation_split = _split(data, train_config)
+    model = build_model(model_config, seed=train_config.seed)
     state = init_state(model, tx, train_config.seed)
     history: list[dict[str, float]] = []
     calibration = None
@@ -303,6 +326,7 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
       if plan.train_config != train_config:  # an extension: the added epochs' own cycle
         train_config = plan.train_config
         tx = make_optimizer(train_config, steps_per_epoch)
+        program = chunk_program(tx)
       history = meta["history"]
       if meta.get("calibration"):
         calibration = calibration_lib.Calibration.from_dict(meta["calibration"])
@@ -312,24 +336,15 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
                   "the damaged step folders were renamed *.damaged-*",)
     total_steps = train_config.epochs * steps_per_epoch
     state = parallel.replicate(state, mesh)
-    num_outliers = outlier_batch_size(train_config, mesh.size)
     pool = parallel.replicate(_outlier_pool(train_split, num_outliers), mesh)
-    step_fn = functools.partial(train_step, graphdef, tx, train_config,
-                                parallel.batch_sharded(mesh), num_outliers=num_outliers)
-    k = steps_per_dispatch(steps_per_epoch, train_config.steps_per_dispatch)
-    options = training_compiler_options(mesh)
     if multi:  # each process feeds its own rows; the interrupt flag rides along
       feed = _HostFeed(mesh, train_split, k, train_config.batch_size)
-      fed_fn = jax.jit(functools.partial(_train_chunk_fed, step_fn), donate_argnums=0,
-                       compiler_options=options)
-      chunk_fn = lambda state, perm, start, stop: fed_fn(state, pool, *feed(perm, start, stop))
+      chunk_fn = lambda state, perm, start, stop: program(state, pool, *feed(perm, start, stop))
     else:  # the whole training set on the device, batches gathered inside the program
       images, labels = parallel.replicate(
           (train_split.images, train_split.labels.astype(np.int32)), mesh)
-      local_fn = jax.jit(functools.partial(_train_chunk, step_fn, k), donate_argnums=0,
-                         compiler_options=options)
-      chunk_fn = lambda state, perm, start, stop: local_fn(state, images, labels, pool, perm,
-                                                           start)
+      chunk_fn = lambda state, perm, start, stop: program(state, images, labels, pool, perm,
+                                                          start)
 
     def save(state):
       if manager is None:
@@ -366,6 +381,9 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
         # The epoch's learning rates, computed now, while nothing is in flight.
         rates = np.asarray(schedule(np.arange(epoch * steps_per_epoch,
                                               (epoch + 1) * steps_per_epoch + 1)))
+        if program_ready is not None:  # rather than compile it a second time beside it
+          program_ready.result()
+          program_ready = None
         t_epoch = time.perf_counter()
         sums = {"loss_sum": 0.0, "correct": 0, "count": 0}
         pending, t_rate, rate_images = None, (t_epoch if compiled else None), 0
@@ -433,6 +451,48 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
     save(state)
   return TrainResult(nnx.merge(graphdef, *jax.device_get(state.variables())), state, history,
                      test_result)
+
+
+def _compile_ahead(ahead: parallel.AheadOfTime, program: Callable, model_config: ModelConfig,
+                   train_config: TrainConfig, tx: optax.GradientTransformation, mesh: Mesh, *,
+                   num_train: int, steps_per_epoch: int, num_outliers: int,
+                   test_split: Split | None, saves: bool):
+  """Submits to `ahead` what a fresh single-process run will compile or import, in the order it
+  needs them: the training chunk (program), the evaluation, the finiteness check before each
+  save, and SciPy's optimiser for the calibration. Returns the training chunk's future.
+
+  Each is lowered from shapes and shardings equal to those of the arguments train() passes, so
+  the first real call finds it in jit's cache; tests check that each compiles once.
+  """
+  replicated = parallel.replicated(mesh)
+  like = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
+
+  def abstract_state():  # init_state's shapes
+    model = abstract_model(model_config)
+    params = nnx.state(model, nnx.Param)
+    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                        batch_stats=nnx.state(model, nnx.BatchStat),
+                        opt_state=jax.eval_shape(tx.init, params),
+                        key=jax.eval_shape(jax.random.PRNGKey, 0))
+    return jax.tree.map(lambda x: like(x.shape, x.dtype), shapes)
+
+  def compile_chunk():
+    pool = min(OUTLIER_POOL, num_train) if num_outliers else 1
+    program.lower(abstract_state(), like((num_train,) + IMAGE_SHAPE, np.uint8),
+                  like((num_train,), np.int32), like((pool,) + IMAGE_SHAPE, np.uint8),
+                  like((steps_per_epoch, train_config.batch_size), np.int32), 0).compile()
+
+  ready = ahead.submit("training program", compile_chunk)
+  scored = train_config.validation or (len(test_split) if test_split is not None else 0)
+  if scored:
+    ahead.submit("evaluation program", lambda: evaluation_lib.compile_ahead(
+        abstract_model(model_config), scored, batch_size=train_config.eval_batch_size,
+        mesh=mesh))
+  if saves:
+    ahead.submit("finiteness check", lambda: _all_finite.lower(abstract_state().params).compile())
+  if train_config.validation:
+    ahead.submit("calibration's SciPy", lambda: importlib.import_module("scipy.optimize"))
+  return ready
 
 
 def _outlier_pool(train_split: Split, num_outliers: int,

@@ -216,6 +216,29 @@ def test_training_on_cpu_compiles_convolutions_with_xlas_own_kernels():
     pytest.skip("this XLA does not hand convolutions to YNNPACK by default")
 
 
+@pytest.mark.parametrize("outliers", [0.0, 0.5])
+def test_a_fresh_run_compiles_each_program_once_ahead_of_its_first_use(small, tmp_path, caplog,
+                                                                       outliers):
+  # The training chunk, the evaluation and the finiteness check are compiled on a background
+  # thread from shapes alone (training._compile_ahead); had those shapes or shardings differed
+  # from the real arguments', the first call would compile each a second time. A config no
+  # other test uses, so that nothing is in jit's caches already.
+  model = ModelConfig(conv_features=(5,), dense_features=(7 + int(outliers * 2),))
+  jax.config.update("jax_log_compiles", True)  # for every thread (the context manager is not)
+  try:
+    with caplog.at_level("WARNING"):
+      # Batches of 32 for the 64 held-out and the 300 test images alike: one program for both.
+      result = tiny_train(small, model=model, epochs=1, validation=64, outlier_exposure=outliers,
+                          eval_batch_size=32, checkpoint_dir=tmp_path)
+  finally:
+    jax.config.update("jax_log_compiles", False)
+  compiled = [r.getMessage() for r in caplog.records
+              if r.getMessage().startswith("Finished XLA compilation of jit(")]
+  for program in ("_train_chunk", "_eval_batch", "_all_finite"):
+    assert sum(f"jit({program})" in m for m in compiled) == 1, (program, compiled)
+  assert result.test is not None and result.history[-1]["validation_accuracy"] > 0
+
+
 def test_a_ctrl_c_never_saves_non_finite_parameters(small, tmp_path, monkeypatch):
   # The interrupt was raised before the pending chunk's loss was checked, so a diverging run
   # could save NaN weights as "latest". Here the loss turns NaN from step 8 on, and Ctrl-C
