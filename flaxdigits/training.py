@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -382,7 +383,7 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
         rates = np.asarray(schedule(np.arange(epoch * steps_per_epoch,
                                               (epoch + 1) * steps_per_epoch + 1)))
         if program_ready is not None:  # rather than compile it a second time beside it
-          program_ready.result()
+          _await_compilation(program_ready)
           program_ready = None
         t_epoch = time.perf_counter()
         sums = {"loss_sum": 0.0, "correct": 0, "count": 0}
@@ -493,6 +494,11 @@ def _compile_ahead(ahead: parallel.AheadOfTime, program: Callable, model_config:
   if train_config.validation:
     ahead.submit("calibration's SciPy", lambda: importlib.import_module("scipy.optimize"))
   return ready
+
+
+def _await_compilation(future: concurrent.futures.Future) -> None:
+  """Waits for a program that _compile_ahead submitted (scripts/bench_speedrun.py times it)."""
+  future.result()
 
 
 def _outlier_pool(train_split: Split, num_outliers: int,

@@ -131,6 +131,10 @@ def test_bench_speedrun_splits_each_process_into_stages(tiny_data_dir):
     wall, *stages = map(float, rows[name][1:9])
     assert abs(sum(stages) - wall) < 0.5 and stages[0] > 0 and stages[2] > 0  # 8 roundings
     assert rows[name][-1].endswith("%)")
+  out = run("bench_speedrun.py", "--data-dir", tiny_data_dir, "--contenders", "speedrun",
+            "--train-args", "--batch-size 64 --validation 64", "--against", SCRIPTS.parent)
+  rows = {line.split(" | ")[0] for line in out.splitlines() if " | " in line}
+  assert rows == {"contender", "speedrun [this]", "speedrun [against]"}
 
 
 def test_sweep_compares_settings_on_held_out_images(tiny_data_dir):
