@@ -6,7 +6,7 @@ import concurrent.futures
 import functools
 import logging
 import os
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Self, Sequence
 
 import jax
 import numpy as np
@@ -60,7 +60,7 @@ class AheadOfTime:
         logging.getLogger(__name__).debug("ahead-of-time %s failed", what, exc_info=True)
     return self._pool.submit(run)
 
-  def __enter__(self) -> "AheadOfTime":
+  def __enter__(self) -> Self:
     return self
 
   def __exit__(self, *exc_info) -> None:
