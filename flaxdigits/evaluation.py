@@ -123,12 +123,10 @@ def compile_ahead(model: nnx.Module, num_examples: int, *, batch_size: int = EVA
   """Compiles the program that evaluate(model, split, ...) runs for a split of num_examples
   images, so that its first batch finds it compiled. `model` may be abstract
   (model.abstract_model): only its shapes count. For parallel.AheadOfTime."""
-  replicated = parallel.replicated(mesh)
   graphdef, state = nnx.split(model)
-  like = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
   b = _batch_size(num_examples, batch_size, mesh)
-  _eval_batch.lower(graphdef, jax.tree.map(lambda x: like(x.shape, x.dtype), state),
-                    like((b,) + IMAGE_SHAPE, np.uint8), like((b,), np.int32),
+  batch = (jax.ShapeDtypeStruct((b,) + IMAGE_SHAPE, np.uint8), jax.ShapeDtypeStruct((b,), np.int32))
+  _eval_batch.lower(graphdef, *parallel.replicated_shapes((state, *batch), mesh),
                     sharding=parallel.batch_sharded(mesh), tta=tta).compile()
 
 

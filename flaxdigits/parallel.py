@@ -94,6 +94,14 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
   return jax.device_put(tree, replicated(mesh))
 
 
+def replicated_shapes(tree: Any, mesh: Mesh) -> Any:
+  """`tree` with each leaf (anything with a shape and dtype) as a jax.ShapeDtypeStruct replicated
+  on the mesh: what `replicate(tree, mesh)` would pass a jitted function, for lowering it ahead of
+  time."""
+  sharding = replicated(mesh)
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree)
+
+
 def _on(x: Any, mesh: Mesh) -> bool:
   return isinstance(x, jax.Array) and x.sharding.device_set == set(mesh.devices.flat)
 

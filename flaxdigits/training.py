@@ -296,7 +296,8 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
       manager = cleanup.enter_context(checkpoint.CheckpointManager(checkpoint_dir))
     # Left first, so its thread is done before anything else is let go.
     ahead = cleanup.enter_context(parallel.AheadOfTime())
-    graphdef = nnx.graphdef(abstract_model(model_config))
+    abstract = abstract_model(model_config)
+    graphdef = nnx.graphdef(abstract)
     num_outliers = outlier_batch_size(train_config, mesh.size)
     k = steps_per_dispatch(steps_per_epoch, train_config.steps_per_dispatch)
 
@@ -311,7 +312,7 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
     program = chunk_program(tx)
     program_ready = None
     if not (resume or multi):  # (a resumed run may change its recipe; a job's feed differs)
-      program_ready = _compile_ahead(ahead, program, model_config, train_config, tx, mesh,
+      program_ready = _compile_ahead(ahead, program, abstract, train_config, tx, mesh,
                                      num_train=num_train, steps_per_epoch=steps_per_epoch,
                                      num_outliers=num_outliers, test_split=test_split,
                                      saves=checkpoint_dir is not None)
@@ -454,7 +455,7 @@ def train(data: dict[str, Split], model_config: ModelConfig = ModelConfig(),
                      test_result)
 
 
-def _compile_ahead(ahead: parallel.AheadOfTime, program: Callable, model_config: ModelConfig,
+def _compile_ahead(ahead: parallel.AheadOfTime, program: Callable, abstract: CNN,
                    train_config: TrainConfig, tx: optax.GradientTransformation, mesh: Mesh, *,
                    num_train: int, steps_per_epoch: int, num_outliers: int,
                    test_split: Split | None, saves: bool):
@@ -463,32 +464,32 @@ def _compile_ahead(ahead: parallel.AheadOfTime, program: Callable, model_config:
   save, and SciPy's optimiser for the calibration. Returns the training chunk's future.
 
   Each is lowered from shapes and shardings equal to those of the arguments train() passes, so
-  the first real call finds it in jit's cache; tests check that each compiles once.
+  the first real call finds it in jit's cache; tests check that each compiles once. `abstract`
+  is the model as model.abstract_model gives it.
   """
-  replicated = parallel.replicated(mesh)
-  like = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=replicated)
-
-  def abstract_state():  # init_state's shapes
-    model = abstract_model(model_config)
-    params = nnx.state(model, nnx.Param)
-    shapes = TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
-                        batch_stats=nnx.state(model, nnx.BatchStat),
-                        opt_state=jax.eval_shape(tx.init, params),
-                        key=jax.eval_shape(jax.random.PRNGKey, 0))
-    return jax.tree.map(lambda x: like(x.shape, x.dtype), shapes)
+  @functools.cache  # on the background thread, once for the chunk and the check
+  def abstract_state():  # the shapes of init_state's, replicated
+    params = nnx.state(abstract, nnx.Param)
+    return parallel.replicated_shapes(
+        TrainState(step=jax.ShapeDtypeStruct((), jnp.int32), params=params,
+                   batch_stats=nnx.state(abstract, nnx.BatchStat),
+                   opt_state=jax.eval_shape(tx.init, params),
+                   key=jax.eval_shape(jax.random.PRNGKey, 0)), mesh)
 
   def compile_chunk():
     pool = min(OUTLIER_POOL, num_train) if num_outliers else 1
-    program.lower(abstract_state(), like((num_train,) + IMAGE_SHAPE, np.uint8),
-                  like((num_train,), np.int32), like((pool,) + IMAGE_SHAPE, np.uint8),
-                  like((steps_per_epoch, train_config.batch_size), np.int32), 0).compile()
+    shape = jax.ShapeDtypeStruct
+    data = parallel.replicated_shapes(
+        (shape((num_train,) + IMAGE_SHAPE, np.uint8), shape((num_train,), np.int32),
+         shape((pool,) + IMAGE_SHAPE, np.uint8),
+         shape((steps_per_epoch, train_config.batch_size), np.int32)), mesh)
+    program.lower(abstract_state(), *data, 0).compile()
 
   ready = ahead.submit("training program", compile_chunk)
   scored = train_config.validation or (len(test_split) if test_split is not None else 0)
   if scored:
     ahead.submit("evaluation program", lambda: evaluation_lib.compile_ahead(
-        abstract_model(model_config), scored, batch_size=train_config.eval_batch_size,
-        mesh=mesh))
+        abstract, scored, batch_size=train_config.eval_batch_size, mesh=mesh))
   if saves:
     ahead.submit("finiteness check", lambda: _all_finite.lower(abstract_state().params).compile())
   if train_config.validation:

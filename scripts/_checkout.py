@@ -5,16 +5,23 @@ import shutil
 import sys
 from pathlib import Path
 
-# Imports the flaxdigits of the checkout at sys.argv[1], with its cli/ folder as flaxdigits.cli
-# (an installed flaxdigits maps it so; a bare checkout does not).
-IMPORT = """
+
+def import_code(root: str) -> str:
+  """Python source that imports the flaxdigits of the checkout whose folder the expression `root`
+  gives, with its cli/ folder as flaxdigits.cli (an installed flaxdigits maps it so; a bare
+  checkout does not)."""
+  return f"""
 import sys, types
-root = sys.argv[1]
+root = {root}
 sys.path.insert(0, root)
 import flaxdigits
 cli = types.ModuleType("flaxdigits.cli"); cli.__path__ = [root + "/cli"]
 sys.modules["flaxdigits.cli"] = flaxdigits.cli = cli
 """
+
+
+# Imports the flaxdigits of the checkout at sys.argv[1].
+IMPORT = import_code("sys.argv[1]")
 _CLI = IMPORT + """
 from flaxdigits.cli.main import main
 sys.argv = ["digits", *sys.argv[2:]]

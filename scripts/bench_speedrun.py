@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+import _checkout
+
 HERE = Path(__file__).resolve().parent
 STAGES = ("imports", "data", "compile", "steps", "evaluation", "save", "other")
 
@@ -83,14 +85,6 @@ def timed(owner, name, stage):
   setattr(owner, name, wrapper)
 
 stack[0][1] = t0
-import os
-if os.environ.get("BENCH_CHECKOUT"):  # another checkout's flaxdigits, its cli/ as flaxdigits.cli
-  import types
-  root = os.environ["BENCH_CHECKOUT"]
-  sys.path.insert(0, root)
-  import flaxdigits
-  cli = types.ModuleType("flaxdigits.cli"); cli.__path__ = [root + "/cli"]
-  sys.modules["flaxdigits.cli"] = flaxdigits.cli = cli
 import jax, jax.monitoring
 jax.monitoring.register_event_duration_secs_listener(on_event)
 from flaxdigits import data, training, checkpoint, evaluation
@@ -139,15 +133,16 @@ def run_one(contender: str, seed: int, args, cache_dir: str, checkout: Path | No
   with tempfile.TemporaryDirectory(prefix="flaxdigits-speedrun-") as work:
     stages_path = os.path.join(work, "stages.json")
     env = dict(os.environ, FLAXDIGITS_CACHE_DIR=cache_dir)
-    if checkout is not None:
-      env["BENCH_CHECKOUT"] = str(checkout.resolve())
+    # Another checkout's flaxdigits is imported first, in the imports stage like the rest.
+    code = CHILD if checkout is None else (
+        _checkout.import_code(repr(str(checkout.resolve()))) + CHILD)
     if contender == "flax-example":
       tail = [str(HERE), args.data_dir, str(args.flax_example_epochs), str(seed)]
     else:
       tail = ["digits", "--preset", contender, "--seed", str(seed), "--data-dir", args.data_dir,
               "--checkpoint", os.path.join(work, "ckpt"), "--json", *args.train_args.split()]
     start = time.time()
-    child = subprocess.Popen([sys.executable, "-c", CHILD, stages_path, repr(start), *tail],
+    child = subprocess.Popen([sys.executable, "-c", code, stages_path, repr(start), *tail],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
                              cwd=work, text=True)
     stdout, stderr = child.communicate(timeout=args.timeout)
