@@ -264,9 +264,11 @@ def refuse_existing(directory: str | os.PathLike) -> None:
   processes agree on anything.
   """
   path = Path(directory)
+  # Asked in this order: another process of the job may create the folder at any moment, and a
+  # folder seen missing, then present, is not a file.
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"checkpoint path {path} is a file, not a folder")
   if not path.is_dir():
-    if path.exists():
-      raise ValueError(f"checkpoint path {path} is a file, not a folder")
     return
   steps = [int(p.name) for p in path.iterdir() if p.name.isdigit() and p.is_dir()]
   if steps:

@@ -1,12 +1,14 @@
 import json
 import shutil
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 from flax import nnx
 
-from flaxdigits.checkpoint import MAX_TO_KEEP, CheckpointManager, load_model
+from flaxdigits.checkpoint import (MAX_TO_KEEP, CheckpointManager, check_writable, load_model,
+                                   refuse_existing)
 from flaxdigits.config import ModelConfig, TrainConfig
 from flaxdigits.evaluation import evaluate
 from flaxdigits.training import train
@@ -58,6 +60,32 @@ def test_missing_checkpoint_is_file_not_found(tmp_path):
     load_model(tmp_path / "nothing")
   with pytest.raises(FileNotFoundError, match="no checkpoint in"):
     load_model(tmp_path)
+
+
+@pytest.mark.parametrize("check", [refuse_existing, check_writable])
+def test_a_folder_another_process_creates_meanwhile_is_not_taken_for_a_file(
+    check, tmp_path, monkeypatch):
+  """The processes of a job check the same folder while one of them creates it (a CI failure):
+  here the folder appears right after the first question about it, whichever that is."""
+  target = tmp_path / "ckpt"
+  asked = []
+
+  def racing(name):
+    real = getattr(Path, name)
+
+    def query(self, *args, **kwargs):
+      if self == target and not asked:
+        asked.append(name)
+        answer = real(self, *args, **kwargs)  # before the other process's mkdir
+        target.mkdir()
+        return answer
+      return real(self, *args, **kwargs)
+    return query
+
+  for name in ("exists", "is_dir"):
+    monkeypatch.setattr(Path, name, racing(name))
+  check(target)
+  assert asked and target.is_dir()
 
 
 @pytest.fixture
