@@ -7,8 +7,13 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from flaxdigits.checkpoint import (MAX_TO_KEEP, CheckpointManager, check_writable, load_model,
-                                   refuse_existing)
+from flaxdigits.checkpoint import (
+  MAX_TO_KEEP,
+  CheckpointManager,
+  check_writable,
+  load_model,
+  refuse_existing,
+)
 from flaxdigits.config import ModelConfig, TrainConfig
 from flaxdigits.evaluation import evaluate
 from flaxdigits.training import train
