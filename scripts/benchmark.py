@@ -18,7 +18,7 @@ Every (contender, repeat) runs in a fresh child process, round-robin, so that ea
 start-up and compilation, its peak memory is its own, and drifts in the machine's speed hit all
 contenders alike. Reported, as medians over repeats:
   images/s, s/epoch  training steps only, from epochs 2.. (epoch 1 carries compilation and
-                     warm-up); evaluation excluded
+                     warm-up; none with --epochs 1); evaluation excluded
   compile            seconds JAX spent tracing, lowering and compiling during training, with an
                      empty persistent compilation cache and (flaxdigits) with the cache it filled
   time to 99.0/99.5% training seconds, compilation included, evaluation excluded, to the end of
@@ -202,10 +202,11 @@ def child(name: str, args) -> dict:
 def summarize(run: dict) -> dict:
   """One child's measurements -> the table's quantities."""
   epochs = run["epochs"]
-  steady = epochs[1:] or [dict(epochs[0], train_seconds=epochs[0]["train_seconds"]
-                               - (epochs[0].get("compile_seconds") or 0.0))]
-  epoch_seconds = statistics.median(e["train_seconds"] for e in steady)
-  out = {"images_per_sec": run["images_per_epoch"] / epoch_seconds,
+  # Steady speed needs a second epoch: the first one's compilations also run on a background
+  # thread beside its steps, so subtracting their durations from its wall time means nothing.
+  epoch_seconds = (statistics.median(e["train_seconds"] for e in epochs[1:])
+                   if len(epochs) > 1 else None)
+  out = {"images_per_sec": run["images_per_epoch"] / epoch_seconds if epoch_seconds else None,
          "epoch_seconds": epoch_seconds, "compile_seconds": run["compile_seconds"],
          "compile_cached_seconds": run["compile_cached_seconds"],
          "final_accuracy": run["final_accuracy"], "peak_rss_mb": run["peak_rss_mb"],
@@ -302,14 +303,17 @@ def main() -> None:
     compile_cold = "eager" if r["compile_seconds"] is None else f"{r['compile_seconds']:.1f}"
     compile_cached = ("" if r["compile_cached_seconds"] is None
                       else f" / {r['compile_cached_seconds']:.1f}")
-    ratio = f"{r['images_per_sec'] / base['images_per_sec']:.2f}x" if base else "-"
-    table.add_row(name, CONTENDERS[name], str(r["epochs"]), f"{r['images_per_sec']:.0f}",
-                  f"{r['epoch_seconds']:.1f}", compile_cold + compile_cached,
+    speed, base_speed = r["images_per_sec"], base and base["images_per_sec"]
+    ratio = f"{speed / base_speed:.2f}x" if speed and base_speed else "-"
+    table.add_row(name, CONTENDERS[name], str(r["epochs"]),
+                  "-" if speed is None else f"{speed:.0f}",
+                  "-" if speed is None else f"{r['epoch_seconds']:.1f}",
+                  compile_cold + compile_cached,
                   seconds(r["time_to_0.99"]), seconds(r["time_to_0.995"]),
                   f"{r['peak_rss_mb']:.0f} MB", f"{r['final_accuracy'] * 100:.2f}%", ratio)
   console.print(table)
   console.print("images/s and s/epoch: training steps of epochs 2.. (no compilation, no "
-                "evaluation). to 99.x%: training seconds, compilation included, to the end of "
+                "evaluation; '-' with one epoch). to 99.x%: training seconds, compilation included, to the end of "
                 "the first epoch at that test accuracy; '-' not reached.")
   if args.json_path:
     with open(args.json_path, "w", encoding="utf-8") as f:

@@ -102,10 +102,12 @@ def test_bench_train(tiny_data_dir):
 
 
 def test_benchmark(tiny_data_dir, tmp_path):
-  run("benchmark.py", "--data-dir", tiny_data_dir, "--epochs", 1, "--repeats", 1, "--only",
+  run("benchmark.py", "--data-dir", tiny_data_dir, "--epochs", 2, "--repeats", 1, "--only",
       "flaxdigits,flax-example,flax-example-eigen", "--json", tmp_path / "b.json", timeout=600)
   medians = json.loads((tmp_path / "b.json").read_text())["medians"]
   assert set(medians) >= {"flaxdigits", "flax-example"}
+  for name, row in medians.items():  # the steady speed comes from the second epoch
+    assert row["epochs"] == 2 and row["images_per_sec"] > 0 and row["epoch_seconds"] > 0, name
 
 
 def test_check_export(tiny_checkpoint, tiny_data_dir, tmp_path):
