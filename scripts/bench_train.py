@@ -91,15 +91,23 @@ def main() -> None:
   for _ in range(args.repeats):
     for name, run in contenders.items():
       t_short, t_long = run(args.short), run(args.long)
-      samples[name].append((args.long - args.short) * batch / (t_long - t_short))
+      # A long stretch no slower than the short one measured only noise (too few extra steps).
+      samples[name].append((args.long - args.short) * batch / (t_long - t_short)
+                           if t_long > t_short else None)
   rates = {}
   for name in contenders:
-    rates[name] = statistics.median(samples[name])
-    print(f"{name:58s} {rates[name]:6.0f} img/s  ({60_000 / rates[name]:5.1f} s/epoch)  "
-          f"samples {[round(s) for s in samples[name]]}", flush=True)
+    valid = [s for s in samples[name] if s is not None]
+    rates[name] = statistics.median(valid) if valid else None
+    shown = [None if s is None else round(s) for s in samples[name]]
+    if rates[name] is None:
+      print(f"{name:58s}      - img/s  (no long stretch took longer than its short one: raise "
+            f"--long)  samples {shown}", flush=True)
+    else:
+      print(f"{name:58s} {rates[name]:6.0f} img/s  ({60_000 / rates[name]:5.1f} s/epoch)  "
+            f"samples {shown}", flush=True)
   base = next(iter(rates.values()))
   for name, rate in list(rates.items())[1:]:
-    print(f"speed-up of {name}: {rate / base:.2f}x")
+    print(f"speed-up of {name}: " + (f"{rate / base:.2f}x" if rate and base else "-"))
 
 
 if __name__ == "__main__":
