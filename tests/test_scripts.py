@@ -48,8 +48,8 @@ def test_bench_startup():
 
 def test_bench_cold(tiny_checkpoint, tiny_data_dir, digit_png):
   out = run("bench_cold.py", "--checkpoint", tiny_checkpoint, "--image", digit_png,
-            "--data-dir", tiny_data_dir, "--runs", 1)
-  assert "predict" in out and "eval" in out
+            "--data-dir", tiny_data_dir, "--runs", 1, "--only", "eval", "eda")
+  assert "eval" in out and "eda" in out and "predict" not in out
   out = run("bench_cold.py", "--checkpoint", tiny_checkpoint, "--image", digit_png,
             "--data-dir", tiny_data_dir, "--runs", 1, "--only", "predict", "--against",
             SCRIPTS.parent, "--against-checkpoint", tiny_checkpoint)
@@ -127,18 +127,15 @@ def test_check_export(tiny_checkpoint, tiny_data_dir, tmp_path):
 def test_bench_speedrun_splits_each_process_into_stages(tiny_data_dir):
   out = run("bench_speedrun.py", "--data-dir", tiny_data_dir, "--contenders",
             "speedrun,flax-example", "--seeds", 0, 1, "--once", "speedrun,flax-example",
-            "--flax-example-epochs", 1, "--train-args", "--batch-size 64 --validation 64")
+            "--flax-example-epochs", 1, "--train-args", "--batch-size 64 --validation 64",
+            "--against", SCRIPTS.parent)
   rows = {line.split(" | ")[0]: line.split(" | ") for line in out.splitlines() if " | " in line}
-  assert set(rows) == {"contender", "speedrun", "flax-example"}
-  assert out.count("speedrun seed") == 1 and out.count("flax-example seed") == 1  # --once
-  for name in ("speedrun", "flax-example"):
+  assert set(rows) == {"contender", "speedrun [this]", "speedrun [against]", "flax-example"}
+  assert out.count("speedrun [this] seed") == 1 and out.count("flax-example seed") == 1  # --once
+  for name in ("speedrun [this]", "speedrun [against]", "flax-example"):
     wall, *stages = map(float, rows[name][1:9])
-    assert abs(sum(stages) - wall) < 0.5 and stages[0] > 0 and stages[2] > 0  # 8 roundings
+    assert abs(sum(stages) - wall) < 0.5 and stages[0] > 0 and stages[2] > 0, name  # 8 roundings
     assert rows[name][-1].endswith("%)")
-  out = run("bench_speedrun.py", "--data-dir", tiny_data_dir, "--contenders", "speedrun",
-            "--train-args", "--batch-size 64 --validation 64", "--against", SCRIPTS.parent)
-  rows = {line.split(" | ")[0] for line in out.splitlines() if " | " in line}
-  assert rows == {"contender", "speedrun [this]", "speedrun [against]"}
 
 
 def test_sweep_compares_settings_on_held_out_images(tiny_data_dir):
