@@ -40,12 +40,18 @@ def digests(tree: Any) -> dict[str, str]:
           for path, leaf in jax.tree_util.tree_flatten_with_path(jax.device_get(tree))[0]}
 
 
+def _refuse_file(path: Path) -> None:
+  """ValueError if `path` is a file. Asked in this order because another process of the job may
+  create the folder at any moment: a folder seen missing, then present, is not a file."""
+  if path.exists() and not path.is_dir():
+    raise ValueError(f"checkpoint path {path} is a file, not a folder")
+
+
 def check_writable(directory: str | os.PathLike) -> Path:
   """The absolute checkpoint folder, created if needed; ValueError naming it if it cannot be
   written. Checked before any training, so that no run ends in a save that cannot happen."""
   path = Path(directory).expanduser().absolute()
-  if path.exists() and not path.is_dir():
-    raise ValueError(f"checkpoint path {path} is a file, not a folder")
+  _refuse_file(path)
   try:
     path.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
@@ -264,10 +270,7 @@ def refuse_existing(directory: str | os.PathLike) -> None:
   processes agree on anything.
   """
   path = Path(directory)
-  # Asked in this order: another process of the job may create the folder at any moment, and a
-  # folder seen missing, then present, is not a file.
-  if path.exists() and not path.is_dir():
-    raise ValueError(f"checkpoint path {path} is a file, not a folder")
+  _refuse_file(path)
   if not path.is_dir():
     return
   steps = [int(p.name) for p in path.iterdir() if p.name.isdigit() and p.is_dir()]
