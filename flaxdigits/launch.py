@@ -82,10 +82,11 @@ def run(argv: Sequence[str], processes: int, *, port: int | None = None,
     while True:
       codes = [child.poll() for child in children]
       if failed is None:
-        for index, code in enumerate(codes):
-          if code not in (None, 0) and not (interrupted["at"] and code == 130):
-            failed, deadline = index, time.monotonic() + FAILURE_GRACE_S
-            break
+        ended = [index for index, code in enumerate(codes)
+                 if code not in (None, 0) and not (interrupted["at"] and code == 130)]
+        if ended:  # a process killed by a signal is the cause; its peers' errors follow from it
+          failed = min(ended, key=lambda index: codes[index] >= 0)
+          deadline = time.monotonic() + FAILURE_GRACE_S
       if all(code is not None for code in codes):
         break
       now = time.monotonic()
