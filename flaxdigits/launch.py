@@ -49,6 +49,16 @@ def describe(returncode: int) -> str:
   return f"exited with code {returncode}"
 
 
+def first_failure(codes: Sequence[int | None], *, interrupted: bool = False) -> int | None:
+  """Which process ended the job, from one poll of their exit codes (None: still running): one
+  killed by a signal before one that exited with an error, since its peers' errors follow from
+  it (they see it gone); else the first to fail. After Ctrl-C, exiting 130 is not a failure."""
+  ended = [index for index, code in enumerate(codes)
+           if code not in (None, 0) and not (interrupted and code == 130)]
+  signalled = [index for index in ended if codes[index] < 0]
+  return (signalled or ended or [None])[0]
+
+
 def run(argv: Sequence[str], processes: int, *, port: int | None = None,
         on_start: Callable[[int, int], None] | None = None, poll_s: float = 0.05) -> Outcome:
   """Runs `digits <argv>` as `processes` processes of one job and waits for all of them.
@@ -82,10 +92,8 @@ def run(argv: Sequence[str], processes: int, *, port: int | None = None,
     while True:
       codes = [child.poll() for child in children]
       if failed is None:
-        ended = [index for index, code in enumerate(codes)
-                 if code not in (None, 0) and not (interrupted["at"] and code == 130)]
-        if ended:  # a process killed by a signal is the cause; its peers' errors follow from it
-          failed = min(ended, key=lambda index: codes[index] >= 0)
+        failed = first_failure(codes, interrupted=interrupted["at"] is not None)
+        if failed is not None:
           deadline = time.monotonic() + FAILURE_GRACE_S
       if all(code is not None for code in codes):
         break

@@ -53,6 +53,15 @@ def test_the_launcher_names_the_process_that_failed():
   assert launch.describe(-9) == "was killed by SIGKILL"
 
 
+def test_a_process_killed_by_a_signal_is_named_before_the_peers_it_made_fail():
+  assert launch.first_failure([None, None]) is None
+  assert launch.first_failure([0, None]) is None
+  assert launch.first_failure([None, 1, 2]) == 1
+  assert launch.first_failure([1, -9]) == 1  # both seen in one poll: the kill is the cause
+  assert launch.first_failure([130, None], interrupted=True) is None
+  assert launch.first_failure([130, None]) == 0
+
+
 def test_train_refuses_part_of_a_job_in_one_line(tmp_path):
   from typer.testing import CliRunner
 
