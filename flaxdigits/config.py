@@ -13,7 +13,8 @@ def _check(condition: bool, message: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-  """Shape of the CNN: conv blocks (each conv -> ReLU -> 2x2 pool), then dense layers."""
+  """Shape of the CNN: conv blocks (conv -> ReLU, conv_depths times, then a 2x2 pool), then dense
+  layers."""
 
   conv_features: tuple[int, ...] = (32, 64)
   kernel_size: int = 3
@@ -22,10 +23,13 @@ class ModelConfig:
   pool: str = "avg"
   dropout: float = 0.0  # rate on the dense layers' inputs, in training only
   norm: str = "none"  # "batch": batch normalisation after every conv
+  # Convs in each block, all of the block's width, before its pool; () is one in every block.
+  conv_depths: tuple[int, ...] = ()
 
   def __post_init__(self):
     object.__setattr__(self, "conv_features", tuple(self.conv_features))
     object.__setattr__(self, "dense_features", tuple(self.dense_features))
+    object.__setattr__(self, "conv_depths", tuple(self.conv_depths))
     _check(1 <= len(self.conv_features) <= 3,
            f"conv_features must hold 1 to 3 widths (28 px halves per block), got {self.conv_features}")
     _check(all(f > 0 for f in self.conv_features + self.dense_features),
@@ -38,6 +42,15 @@ class ModelConfig:
     _check(self.pool in ("avg", "max"), f"pool must be 'avg' or 'max', got {self.pool!r}")
     _check(0 <= self.dropout < 1, f"dropout must be a rate in [0, 1), got {self.dropout}")
     _check(self.norm in ("none", "batch"), f"norm must be 'none' or 'batch', got {self.norm!r}")
+    _check(self.conv_depths == () or (len(self.conv_depths) == len(self.conv_features)
+                                      and all(1 <= d <= 3 for d in self.conv_depths)),
+           f"conv_depths must be empty or hold one depth in [1, 3] per conv block, got "
+           f"{self.conv_depths} for conv_features {self.conv_features}")
+
+  @property
+  def block_depths(self) -> tuple[int, ...]:
+    """Convs in each conv block."""
+    return self.conv_depths or (1,) * len(self.conv_features)
 
   def to_dict(self) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

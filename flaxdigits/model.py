@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import Callable
 
 import jax
@@ -24,7 +25,8 @@ def pool2x2(x_BxHxWxC: jax.Array, kind: str = "avg") -> jax.Array:
 
 
 class CNN(nnx.Module):
-  """Conv blocks (conv 'SAME' -> ReLU -> 2x2 pool) then ReLU dense layers and a linear head.
+  """Conv blocks (conv 'SAME' -> ReLU, config.block_depths of them, then a 2x2 pool) then ReLU
+  dense layers and a linear head.
 
   With the default config this is the Flax MNIST example's network. With config.norm "batch",
   every conv (then without bias) is followed by batch normalisation: batch statistics when
@@ -37,12 +39,17 @@ class CNN(nnx.Module):
   def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
     self.config = config
     k = (config.kernel_size, config.kernel_size)
-    channels = (1,) + config.conv_features
+    # Every conv's (in, out) channels, block after block: one list, so that a model of one conv
+    # per block has the layers (and the checkpoints) it had before blocks could be deeper.
+    shapes, c_in = [], 1
+    for c_out, depth in zip(config.conv_features, config.block_depths):
+      shapes += [(c_in, c_out)] + [(c_out, c_out)] * (depth - 1)
+      c_in = c_out
     batch_norm = config.norm == "batch"
     self.convs = nnx.List([nnx.Conv(c_in, c_out, kernel_size=k, use_bias=not batch_norm, rngs=rngs)
-                           for c_in, c_out in zip(channels[:-1], channels[1:])])
-    self.norms = nnx.List([nnx.BatchNorm(c, use_running_average=True, momentum=0.9, rngs=rngs)
-                           for c in config.conv_features] if batch_norm else [])
+                           for c_in, c_out in shapes])
+    self.norms = nnx.List([nnx.BatchNorm(c_out, use_running_average=True, momentum=0.9, rngs=rngs)
+                           for _, c_out in shapes] if batch_norm else [])
     side = 28
     for _ in config.conv_features:
       side //= 2
@@ -58,11 +65,14 @@ class CNN(nnx.Module):
                train: bool = False) -> jax.Array:
     """float32 images in [0, 1] -> logits_BxK."""
     x = images_BxHxWx1
-    for i, conv in enumerate(self.convs):
-      x = conv(x)
-      if self.norms:
-        x = self.norms[i](x, use_running_average=not train)
-      x = pool2x2(nnx.relu(x), self.config.pool)
+    layers = iter(range(len(self.convs)))
+    for depth in self.config.block_depths:
+      for i in itertools.islice(layers, depth):
+        x = self.convs[i](x)
+        if self.norms:
+          x = self.norms[i](x, use_running_average=not train)
+        x = nnx.relu(x)
+      x = pool2x2(x, self.config.pool)
     x = x.reshape(x.shape[0], -1)
     n = len(self.denses) + 1  # the head's input is dropped out too
     dropping = dropout_key is not None and self.config.dropout

@@ -66,8 +66,9 @@ def main() -> None:
 def _stage_flops(config: dict) -> list[int]:
   """Forward FLOPs per image (multiply-adds x 2) of each conv block, then of the dense layers."""
   side, c_in, flops = 28, 1, []
-  for c_out in config["conv_features"]:
-    flops.append(2 * side * side * c_out * c_in * config["kernel_size"] ** 2)
+  depths = config.get("conv_depths") or [1] * len(config["conv_features"])
+  for c_out, depth in zip(config["conv_features"], depths):
+    flops.append(2 * side * side * c_out * (c_in + (depth - 1) * c_out) * config["kernel_size"] ** 2)
     side, c_in = side // 2, c_out
   widths = [side * side * c_in] + config["dense_features"] + [config["num_classes"]]
   return flops + [sum(2 * a * b for a, b in zip(widths[:-1], widths[1:]))]
@@ -81,11 +82,12 @@ def _stage_seconds(model, per_device: int, repeats: int) -> list[tuple[str, floa
   from flaxdigits.model import pool2x2  # pylint: disable=import-outside-toplevel
   graphdef, state = nnx.split(model)
 
-  def conv_block(i, state, x):
+  def conv_block(layers, state, x):
     m = nnx.merge(graphdef, state)
-    x = m.convs[i](x)
-    x = m.norms[i](x) if m.norms else x
-    return pool2x2(nnx.relu(x), m.config.pool)
+    for i in layers:
+      x = m.convs[i](x)
+      x = nnx.relu(m.norms[i](x) if m.norms else x)
+    return pool2x2(x, m.config.pool)
 
   def dense_layers(state, x):
     m = nnx.merge(graphdef, state)
@@ -94,8 +96,11 @@ def _stage_seconds(model, per_device: int, repeats: int) -> list[tuple[str, floa
       x = nnx.relu(dense(x))
     return m.head(x)
 
-  stages = [(f"conv block {i + 1}", jax.jit(lambda s, x, i=i: conv_block(i, s, x)))
-            for i in range(len(model.convs))] + [("dense layers", jax.jit(dense_layers))]
+  ends = np.cumsum(model.config.block_depths)
+  stages = [(f"conv block {b + 1}",
+             jax.jit(lambda s, x, layers=range(end - depth, end): conv_block(layers, s, x)))
+            for b, (depth, end) in enumerate(zip(model.config.block_depths, ends))]
+  stages.append(("dense layers", jax.jit(dense_layers)))
   x = np.random.default_rng(0).random((per_device, 28, 28, 1), np.float32)
   results = []
   for name, stage in stages:

@@ -23,6 +23,25 @@ def test_depth_and_widths_follow_config(convs):
   assert len(model.convs) == len(convs) and len(model.denses) == 2
 
 
+def test_deeper_blocks_stack_convs_of_the_block_width_before_each_pool():
+  config = ModelConfig(conv_features=(8, 16), dense_features=(12,), norm="batch",
+                       conv_depths=(1, 2))
+  model = build_model(config)
+  assert [c.kernel.shape for c in model.convs] == [(3, 3, 1, 8), (3, 3, 8, 16), (3, 3, 16, 16)]
+  assert [n.scale.shape for n in model.norms] == [(8,), (16,), (16,)]
+  assert model(jnp.zeros((2, 28, 28, 1))).shape == (2, 10)
+  # One conv per block, said or not, is the same model with the same parameters.
+  shallow, said = (nnx.state(build_model(ModelConfig(conv_features=(8, 16), conv_depths=d)))
+                   for d in ((), (1, 1)))
+  assert jax.tree.all(jax.tree.map(jnp.array_equal, shallow, said))
+
+
+@pytest.mark.parametrize("depths", [(2,), (1, 4), (0, 1)])
+def test_conv_depths_must_give_each_block_one_to_three_convs(depths):
+  with pytest.raises(ValueError, match="conv_depths"):
+    ModelConfig(conv_features=(8, 16), conv_depths=depths)
+
+
 def test_same_seed_same_parameters_other_seed_differs():
   a, b, c = (build_model(ModelConfig(), seed=s) for s in (0, 0, 1))
   assert jnp.array_equal(a.convs[0].kernel[...], b.convs[0].kernel[...])
