@@ -173,7 +173,7 @@ def test_presets():
   model, recipe = preset("fast")
   assert recipe.epochs == 2 and model.conv_features == (16, 32)
   model, recipe = preset("best")
-  assert recipe.epochs == 15 and model.conv_features == (32, 64, 128) and model.pool == "max"
+  assert recipe.epochs == 15 and model.conv_features == (48, 96, 192) and model.pool == "max"
   model, recipe = preset("speedrun")
   assert recipe.epochs == 1 and model.conv_features == (12, 24) and not recipe.outlier_exposure
   with pytest.raises(ValueError, match="unknown preset 'fastest'; choose one of default, fast, "
