@@ -7,7 +7,10 @@ Trains the preset once per combination of the --grid values (TrainConfig or Mode
 tuples as 16/32) and seed, holding out the preset's --validation images (5,000: the same ones
 for every seed), and prints each combination's held-out accuracy and loss (mean over seeds) and
 training time, best first. `--set FIELD=VALUE` changes a setting for every run (to make a quick
-sweep shorter, say). This is how the presets' settings are chosen.
+sweep shorter, say). With --checkpoint-dir DIR each run also keeps its checkpoint, in
+DIR/<settings>-seed<N>, for the scripts that read held-out images from checkpoints
+(compare_tta.py) and, once a setting is chosen, for `digits eval`. This is how the presets'
+settings are chosen.
 """
 
 from __future__ import annotations
@@ -32,6 +35,13 @@ def parse_value(field: dataclasses.Field, text: str):
   return text
 
 
+def run_name(settings: dict) -> str:
+  """A folder name for a combination of settings: conv_features=48-96-192_epochs=20."""
+  parts = [f"{k}={'-'.join(map(str, v)) if isinstance(v, tuple) else v}"
+           for k, v in settings.items()]
+  return "_".join(parts) or "preset"
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--preset", default="default")
@@ -39,6 +49,8 @@ def main() -> None:
   parser.add_argument("--grid", action="append", default=[], metavar="FIELD=V1,V2,...")
   parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
   parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+  parser.add_argument("--checkpoint-dir", default=None,
+                      help="keep each run's checkpoint in DIR/<settings>-seed<N>")
   parser.add_argument("--train-subset", type=int, default=0,
                       help="train on only this many images (smoke tests)")
   args = parser.parse_args()
@@ -82,7 +94,9 @@ def main() -> None:
       if not train_config.validation:
         parser.error("the sweep needs held-out images: --set validation=N with N > 0")
       start = time.perf_counter()
-      result = train(data, model_config, train_config)
+      result = train(data, model_config, train_config,
+                     checkpoint_dir=args.checkpoint_dir and os.path.join(
+                         args.checkpoint_dir, f"{run_name(settings)}-seed{seed}"))
       last = result.history[-1]
       runs.append((last["validation_accuracy"], last["validation_loss"],
                    time.perf_counter() - start))

@@ -150,6 +150,18 @@ def test_sweep_compares_settings_on_held_out_images(tiny_data_dir):
   assert "100 held-out images" in out
 
 
+def test_sweep_keeps_each_runs_checkpoint_for_the_held_out_scripts(tiny_data_dir, tmp_path):
+  run("sweep.py", "--preset", "fast", "--data-dir", tiny_data_dir, "--train-subset", 300,
+      "--set", "validation=64", "--set", "epochs=1", "--set", "batch_size=64",
+      "--set", "outlier_exposure=0", "--grid", "conv_features=8/16", "--seeds", 0, 1,
+      "--checkpoint-dir", tmp_path)
+  kept = sorted(p.name for p in tmp_path.iterdir())
+  assert kept == ["conv_features=8-16-seed0", "conv_features=8-16-seed1"]
+  out = run("compare_tta.py", "--checkpoint", *(tmp_path / k for k in kept), "--data-dir",
+            tiny_data_dir)
+  assert "64 held-out images x 2 checkpoint(s)" in out
+
+
 def test_compare_tta_chooses_on_held_out_images(tiny_checkpoint, tiny_data_dir):
   out = run("compare_tta.py", "--checkpoint", tiny_checkpoint, tiny_checkpoint, "--data-dir",
             tiny_data_dir)
