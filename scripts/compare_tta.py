@@ -7,7 +7,9 @@ Each view (the image itself, one-pixel shifts, rotations, zooms) is scored once 
 checkpoints' held-out images (the `--validation` images each was trained without: the same ones
 for every seed); a set's accuracy is that of the probabilities averaged over its views, pooled
 over the checkpoints. The best set is marked (on a tie, the one with fewer views), and so is the
-set `digits eval --tta` uses. The test set is not read.
+set `digits eval --tta` uses. With --ensemble, each set is also scored on the checkpoints as one
+ensemble (their probabilities averaged): whether several models would beat one. The test set is
+not read.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--checkpoint", nargs="+", default=["ckpt"])
   parser.add_argument("--data-dir", default=os.environ.get("FLAXDIGITS_DATA_DIR"))
+  parser.add_argument("--ensemble", action="store_true",
+                      help="also score the checkpoints as one ensemble of averaged probabilities")
   args = parser.parse_args()
 
   from flaxdigits import parallel
@@ -80,12 +84,19 @@ def main() -> None:
   used = sorted(map(str, list(TTA_SHIFTS) + list(TTA_ROTATIONS)))
   accuracy = {name: np.mean(np.mean([probs[v] for v in views], 0).argmax(-1) == labels)
               for name, views in sets.items()}
+  # The ensemble: per image, the mean over the checkpoints (probs stacks them model by model).
+  together = {name: np.mean([probs[v] for v in views], 0).reshape(len(models), len(held_out), -1)
+              for name, views in sets.items()}
+  ensemble = {name: np.mean(p.mean(0).argmax(-1) == labels[:len(held_out)])
+              for name, p in together.items()}
   best = max(sets, key=lambda name: (accuracy[name], -len(sets[name])))
-  print(f"{len(held_out):,} held-out images x {len(models)} checkpoint(s)")
+  print(f"{len(held_out):,} held-out images x {len(models)} checkpoint(s)"
+        + (": single models pooled, then the ensemble" if args.ensemble else ""))
   for name, views in sets.items():
     marks = ["best on held-out images"] * (name == best) + ["digits eval --tta"] * (
         sorted(map(str, views)) == used)
     print(f"{name:46s} {len(views):2d} views  {100 * accuracy[name]:.2f}%"
+          + (f"  ensemble {100 * ensemble[name]:.2f}%" if args.ensemble else "")
           + (f"  <- {', '.join(marks)}" if marks else ""))
 
 

@@ -158,8 +158,9 @@ def test_sweep_keeps_each_runs_checkpoint_for_the_held_out_scripts(tiny_data_dir
   kept = sorted(p.name for p in tmp_path.iterdir())
   assert kept == ["conv_features=8-16-seed0", "conv_features=8-16-seed1"]
   out = run("compare_tta.py", "--checkpoint", *(tmp_path / k for k in kept), "--data-dir",
-            tiny_data_dir)
-  assert "64 held-out images x 2 checkpoint(s)" in out
+            tiny_data_dir, "--ensemble")
+  assert "64 held-out images x 2 checkpoint(s): single models pooled, then the ensemble" in out
+  assert out.count("ensemble ") == 9  # every view set, scored on the pair as one model too
 
 
 def test_compare_tta_chooses_on_held_out_images(tiny_checkpoint, tiny_data_dir):
