@@ -174,6 +174,7 @@ def test_presets():
   assert recipe.epochs == 2 and model.conv_features == (16, 32)
   model, recipe = preset("best")
   assert recipe.epochs == 15 and model.conv_features == (48, 96, 192) and model.pool == "max"
+  assert recipe.outlier_exposure == 0.25  # chosen on held-out images (docs/benchmarks.md)
   model, recipe = preset("speedrun")
   assert recipe.epochs == 1 and model.conv_features == (12, 24) and not recipe.outlier_exposure
   with pytest.raises(ValueError, match="unknown preset 'fastest'; choose one of default, fast, "
