@@ -82,13 +82,11 @@ def main() -> None:
       "all of them": list(transforms),
   }
   used = sorted(map(str, list(TTA_SHIFTS) + list(TTA_ROTATIONS)))
-  accuracy = {name: np.mean(np.mean([probs[v] for v in views], 0).argmax(-1) == labels)
-              for name, views in sets.items()}
+  averaged = {name: np.mean([probs[v] for v in views], 0) for name, views in sets.items()}
+  accuracy = {name: np.mean(p.argmax(-1) == labels) for name, p in averaged.items()}
   # The ensemble: per image, the mean over the checkpoints (probs stacks them model by model).
-  together = {name: np.mean([probs[v] for v in views], 0).reshape(len(models), len(held_out), -1)
-              for name, views in sets.items()}
-  ensemble = {name: np.mean(p.mean(0).argmax(-1) == labels[:len(held_out)])
-              for name, p in together.items()}
+  ensemble = {name: np.mean(p.reshape(len(models), len(held_out), -1).mean(0).argmax(-1)
+                            == labels[:len(held_out)]) for name, p in averaged.items()}
   best = max(sets, key=lambda name: (accuracy[name], -len(sets[name])))
   print(f"{len(held_out):,} held-out images x {len(models)} checkpoint(s)"
         + (": single models pooled, then the ensemble" if args.ensemble else ""))
